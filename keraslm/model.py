@@ -1,0 +1,198 @@
+"""The language model and its stateless twin.
+
+    tokens [B, T] ─► embedding (or one-hot) ─► dropout ─► L × recurrent layer (dropout between)
+                 ─► dropout ─► logits [B, T, V]   (a Dense layer, or the embedding transposed)
+
+Training uses `stateful=True` layers with a fixed batch size: each layer keeps its last state in
+variables and starts the next window from it. Inference uses the stateless twin: the same layers
+and weights, with the state as explicit inputs `h{i}_in` (LSTM also `c{i}_in`) and outputs
+`h{i}_out` / `c{i}_out`, which is what TF Serving and ONNX Runtime need.
+"""
+
+import keras
+import numpy as np
+from keras import ops
+
+from keraslm.config import ModelConfig
+
+
+@keras.saving.register_keras_serializable(package="keraslm")
+class OneHot(keras.layers.Layer):
+    """Token ids [B, T] to one-hot vectors [B, T, vocabulary_size], as char-rnn feeds its LSTM.
+
+    Args:
+        vocabulary_size: length of the one-hot vectors.
+    """
+
+    def __init__(self, vocabulary_size, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary_size = vocabulary_size
+
+    def call(self, tokens):
+        return ops.one_hot(tokens, self.vocabulary_size, dtype=self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.vocabulary_size)
+
+    def get_config(self):
+        return {**super().get_config(), "vocabulary_size": self.vocabulary_size}
+
+
+@keras.saving.register_keras_serializable(package="keraslm")
+class TiedEmbedding(keras.layers.Layer):
+    """An embedding that also projects hidden states back to vocabulary logits.
+
+    `layer(tokens)` embeds; `layer(hidden, reverse=True)` returns `hidden @ embeddings.T + bias`
+    in float32. One matrix serves both (Press & Wolf 2017; pytorch/examples' `--tied`), and the
+    output keeps its own bias as torch's tied `nn.Linear` does.
+
+    Args:
+        input_dim: vocabulary size.
+        output_dim: embedding width, equal to the last recurrent layer's width.
+    """
+
+    def __init__(self, input_dim, output_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+
+    def build(self, input_shape=None):
+        # keras.layers.Embedding's default initialiser, U(-0.05, 0.05).
+        self.embeddings = self.add_weight(
+            shape=(self.input_dim, self.output_dim), initializer="uniform", name="embeddings"
+        )
+        self.bias = self.add_weight(shape=(self.input_dim,), initializer="zeros", name="bias")
+
+    def call(self, inputs, reverse=False):
+        if not reverse:
+            return ops.take(self.embeddings, ops.cast(inputs, "int32"), axis=0)
+        logits = ops.matmul(inputs, ops.transpose(self.embeddings))
+        return ops.cast(logits, "float32") + ops.cast(self.bias, "float32")
+
+    def compute_output_spec(self, inputs, reverse=False):
+        if reverse:
+            return keras.KerasTensor((*inputs.shape[:-1], self.input_dim), dtype="float32")
+        return keras.KerasTensor((*inputs.shape, self.output_dim), dtype=self.compute_dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim}
+
+
+def state_names(model_config):
+    """Names of the per-layer state tensors, in the order the layers return them."""
+    kinds = ("h", "c") if model_config.cell == "lstm" else ("h",)
+    return [f"{k}{i}" for i in range(model_config.num_layers) for k in kinds]
+
+
+def _recurrent_layer(model_config, index, stateful, use_cudnn):
+    common = dict(
+        units=model_config.hidden_dim,
+        return_sequences=True,
+        return_state=not stateful,
+        stateful=stateful,
+        name=f"rnn_{index}",
+    )
+    cell = model_config.cell
+    if cell == "lstm":
+        return keras.layers.LSTM(use_cudnn=use_cudnn, **common)
+    if cell == "gru":
+        return keras.layers.GRU(use_cudnn=use_cudnn, **common)
+    # SimpleRNN has no cuDNN kernel in Keras; tanh and relu are PyTorch's RNN_TANH / RNN_RELU.
+    return keras.layers.SimpleRNN(activation="tanh" if cell == "rnn_tanh" else "relu", **common)
+
+
+def build_model(model_config: ModelConfig, batch_size=None, stateful=False, use_cudnn="auto"):
+    """Build the language model.
+
+    Args:
+        model_config: the architecture.
+        batch_size: static batch size; required when `stateful`.
+        stateful: True for training (state kept in layer variables, carried between calls).
+            False builds the stateless twin: inputs {"tokens", "h0_in", ...}, outputs
+            {"logits", "h0_out", ...}.
+        use_cudnn: passed to LSTM and GRU; export uses False so the graph runs on any CPU.
+
+    Returns:
+        A functional `keras.Model`. The stateful model takes tokens and returns logits. Both
+        variants name their layers alike and hold the same weights in the same order, so
+        `twin.set_weights(model.get_weights())` moves a trained model over.
+
+    Example:
+        config = ModelConfig(vocabulary_size=65, cell="gru", hidden_dim=128, embedding_dim=128)
+        train_model = build_model(config, batch_size=32, stateful=True)
+        twin = build_model(config)
+        twin.set_weights(train_model.get_weights())
+    """
+    if stateful and not batch_size:
+        raise ValueError("a stateful model needs a static batch_size")
+    c = model_config
+    tokens = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="tokens")
+    state_inputs = {
+        f"{name}_in": keras.Input(batch_shape=(batch_size, c.hidden_dim), dtype="float32", name=f"{name}_in")
+        for name in ([] if stateful else state_names(c))
+    }
+
+    if c.one_hot:
+        x = OneHot(c.vocabulary_size, name="one_hot")(tokens)
+    elif c.tie_weights:
+        embedding = TiedEmbedding(c.vocabulary_size, c.embedding_dim, name="embedding")
+        x = embedding(tokens)
+    else:
+        x = keras.layers.Embedding(c.vocabulary_size, c.embedding_dim, name="embedding")(tokens)
+    x = keras.layers.Dropout(c.dropout, name="embedding_dropout")(x)
+
+    state_outputs = {}
+    for i in range(c.num_layers):
+        layer = _recurrent_layer(c, i, stateful, use_cudnn)
+        if stateful:
+            x = layer(x)
+        else:
+            kinds = ("h", "c") if c.cell == "lstm" else ("h",)
+            x, *states = layer(x, initial_state=[state_inputs[f"{k}{i}_in"] for k in kinds])
+            for k, state in zip(kinds, states, strict=True):
+                # float32 states under a mixed-precision policy, as the export contract says.
+                state_outputs[f"{k}{i}_out"] = keras.layers.Identity(name=f"{k}{i}_out", dtype="float32")(state)
+        if i < c.num_layers - 1:
+            x = keras.layers.Dropout(c.dropout, name=f"rnn_{i}_dropout")(x)
+    x = keras.layers.Dropout(c.dropout, name="output_dropout")(x)
+
+    if c.tie_weights:
+        logits = embedding(x, reverse=True)
+    else:
+        # float32 logits (and so a float32 loss) under a mixed-precision policy.
+        logits = keras.layers.Dense(c.vocabulary_size, dtype="float32", name="logits")(x)  # (B, T, V)
+
+    if stateful:
+        return keras.Model(tokens, logits, name="keraslm")
+    inputs = {"tokens": tokens, **state_inputs}
+    return keras.Model(inputs, {"logits": logits, **state_outputs}, name="keraslm_step")
+
+
+def recurrent_layers(model):
+    """The recurrent layers of a model built by `build_model`, bottom first."""
+    return [layer for layer in model.layers if isinstance(layer, keras.layers.RNN)]
+
+
+def reset_states(model):
+    """Zero the carried state of every stateful recurrent layer (Keras 3 resets per layer)."""
+    for layer in recurrent_layers(model):
+        layer.reset_state()
+
+
+def zero_state(model_config, batch_size):
+    """NumPy zeros for every `{name}_in` input of the stateless twin."""
+    return {f"{n}_in": np.zeros((batch_size, model_config.hidden_dim), np.float32) for n in state_names(model_config)}
+
+
+def keras_step(twin, model_config, batch_size):
+    """The twin as a `step(tokens, state) -> (logits, state)` on NumPy arrays, and a zero state.
+
+    The state is the dict of `{name}_in` arrays; each call's `{name}_out` become the next inputs.
+    """
+
+    def step(tokens, state):
+        outputs = twin({"tokens": tokens, **state}, training=False)
+        logits = np.asarray(outputs.pop("logits"))
+        return logits, {name[: -len("_out")] + "_in": np.asarray(value) for name, value in outputs.items()}
+
+    return step, zero_state(model_config, batch_size)

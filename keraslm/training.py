@@ -1,0 +1,275 @@
+"""A training run: corpus → vocabulary → TBPTT windows → stateful model.fit → run directory.
+
+Run directory:
+    config.json       RunConfig, enough to rebuild the model without the corpus
+    vocab.json        the vocabulary
+    model.keras       the stateless twin with the best weights by validation loss
+    checkpoint.keras  weights + optimizer state, with epoch, lr and history inside (resumable)
+    history.csv       per-epoch figures; curves.png their plot
+    results.json      best epoch, its validation loss and the test figures
+    tensorboard/      TensorBoard logs
+"""
+
+import json
+import math
+import os
+import zipfile
+
+import keras
+
+from keraslm import callbacks as run_callbacks
+from keraslm.config import RunConfig
+from keraslm.data import load_corpus, tbptt_dataset
+from keraslm.errors import UsageError
+from keraslm.files import atomic_path, write_text_atomic
+from keraslm.model import build_model, reset_states
+from keraslm.vocab import Vocabulary
+
+CHECKPOINT = "checkpoint.keras"
+# The run's bookkeeping travels inside the checkpoint's zip, so weights, optimizer state and
+# epoch are replaced together by one rename and can never disagree.
+CHECKPOINT_STATE = "keraslm_state.json"
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C or SIGTERM; the last checkpoint is intact."""
+
+
+class Run:
+    """A run directory and the bookkeeping that a checkpoint carries.
+
+    Args:
+        run_dir: the directory.
+        config: its `RunConfig`.
+        vocab: its `Vocabulary`.
+    """
+
+    def __init__(self, run_dir, config, vocab):
+        self.run_dir = run_dir
+        self.config = config
+        self.vocab = vocab
+        self.twin = build_model(config.model)  # stateless: saved as model.keras, samples
+        self.epoch = 0
+        self.history = []
+        self.best_val_loss = math.inf
+        self.best_epoch = 0
+        self.wait = 0
+        self.checkpoint_epoch = 0  # the epoch the checkpoint on disk holds
+
+    def path(self, name):
+        """Path of a file in the run directory."""
+        return os.path.join(self.run_dir, name)
+
+    @property
+    def title(self):
+        """A one-line description for plots."""
+        m = self.config.model
+        return f"{self.config.data.source} · {m.num_layers}×{m.hidden_dim} {m.cell.upper()} · {self.vocab.level}"
+
+    def save_best_model(self):
+        """Write the twin (current weights, no optimizer) as model.keras, atomically."""
+        with atomic_path(self.path("model.keras")) as tmp:
+            self.twin.save(tmp)
+
+    def state(self):
+        """The bookkeeping as a JSON-ready dict."""
+        return {
+            "epoch": self.epoch,
+            "history": self.history,
+            "best_val_loss": self.best_val_loss,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "config": self.config.to_dict(),
+        }
+
+    def restore(self, state):
+        """Inverse of `state()`."""
+        self.epoch = state["epoch"]
+        self.history = state["history"]
+        self.best_val_loss = state["best_val_loss"]
+        self.best_epoch = state["best_epoch"]
+        self.wait = state["wait"]
+
+
+def save_checkpoint(run, model):
+    """Weights, optimizer state (learning rate included) and bookkeeping, in one atomic file."""
+    with atomic_path(run.path(CHECKPOINT)) as tmp:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp, "a") as archive:
+            archive.writestr(CHECKPOINT_STATE, json.dumps(run.state()))
+    run.checkpoint_epoch = run.epoch
+
+
+def load_checkpoint(run, model):
+    """Restore `model` (compiled) and `run` from the run directory's checkpoint."""
+    path = run.path(CHECKPOINT)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            state = json.loads(archive.read(CHECKPOINT_STATE))
+    except FileNotFoundError:
+        raise UsageError(f"--resume: no checkpoint in {run.run_dir}; start a new run without --resume") from None
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
+        raise UsageError(f"--resume: {path} is damaged ({e}); start a new run") from None
+    saved, current = dict(state["config"]), run.config.to_dict()
+    for section in (saved, current):  # only the epoch count may change on resume
+        section["train"] = {k: v for k, v in section["train"].items() if k != "epochs"}
+    if saved != current:
+        raise UsageError(f"--resume: {path} was written with another configuration; start a new run")
+    model.load_weights(path)
+    run.restore(state)
+    run.checkpoint_epoch = run.epoch
+
+
+def make_optimizer(train_config):
+    """SGD, Adam or AdamW with torch-style gradient clipping.
+
+    `clip_grad_norm_(params, max_norm)` rescales all gradients together when their global L2
+    norm exceeds max_norm: that is Keras' `global_clipnorm`. (Keras' `clipnorm` clips each
+    variable's gradient on its own, a different rule.)
+    """
+    clip = {"global_clipnorm": train_config.clipnorm} if train_config.clipnorm else {}
+    lr = train_config.lr
+    if train_config.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, **clip)
+    if train_config.optimizer == "adam":
+        return keras.optimizers.Adam(lr, **clip)
+    return keras.optimizers.AdamW(lr, weight_decay=train_config.weight_decay, **clip)
+
+
+def encode_splits(splits, vocab):
+    """Token id streams of every split. Unknown characters outside training are dropped, with a note."""
+    ids = {}
+    for name, text in splits.items():
+        if vocab.level == "word" and not text.endswith("\n"):
+            text += "\n"  # the last line ends with <eos> too, as in pytorch/examples
+        ids[name] = vocab.encode(text, skip_unknown=True)
+        if vocab.level == "char" and len(ids[name]) < len(text):
+            unknown = sorted(set(text) - set(vocab.index))
+            print(
+                f"note: {len(text) - len(ids[name])} characters of the {name} split are not in the "
+                f"training vocabulary and were dropped: {', '.join(map(repr, unknown[:10]))}"
+            )
+    return ids
+
+
+def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1):
+    """Train (or resume) a run and evaluate its best model on the test split.
+
+    Args:
+        config: the run's configuration (validated here).
+        run_dir: the run directory, created if needed.
+        resume: continue from the run directory's checkpoint.
+        dry_run: two windows of each phase per epoch, a smoke test.
+        verbose: Keras' fit verbosity (1 = progress bar, 2 = a line per epoch).
+
+    Returns:
+        The dict written to results.json.
+
+    Raises:
+        UsageError: bad configuration or data.
+        Interrupted: Ctrl-C or SIGTERM; the checkpoint of the last finished epoch is intact.
+    """
+    config.validate()
+    train_config = config.train
+    if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
+    keras.utils.set_random_seed(train_config.seed)
+    if train_config.mixed_precision:
+        import tensorflow as tf
+
+        # float16 with loss scaling where a GPU runs it; bfloat16 is the CPU's fast half type.
+        keras.mixed_precision.set_global_policy(
+            "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+        )
+
+    splits = load_corpus(config.data)
+    if resume:
+        vocab = Vocabulary.load(os.path.join(run_dir, "vocab.json"))
+    else:
+        vocab = Vocabulary.build(splits["train"], config.data.level, config.data.min_freq, config.data.max_vocab)
+    config.model.vocabulary_size = len(vocab)
+    ids = encode_splits(splits, vocab)
+    datasets = {}
+    for name, stream in ids.items():
+        try:
+            datasets[name] = tbptt_dataset(stream, train_config.batch_size, train_config.bptt)
+        except UsageError as e:
+            raise UsageError(f"{name} split: {e}") from None
+        if dry_run:
+            datasets[name] = datasets[name].take(2)
+
+    os.makedirs(run_dir, exist_ok=True)
+    run = Run(run_dir, config, vocab)
+    model = build_model(config.model, batch_size=train_config.batch_size, stateful=True)
+    model.compile(
+        optimizer=make_optimizer(train_config),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=train_config.jit_compile,
+    )
+    # Build the optimizer's slots now, so that even the epoch-0 checkpoint holds all of them.
+    model.optimizer.build(model.trainable_variables)
+    if resume:
+        load_checkpoint(run, model)
+        print(f"resuming {run_dir} after epoch {run.epoch} (lr {float(model.optimizer.learning_rate):g})")
+    else:
+        config.save(run.path("config.json"))
+        vocab.save(run.path("vocab.json"))
+        save_checkpoint(run, model)
+
+    tokens = {name: len(stream) for name, stream in ids.items()}
+    print(
+        f"run {run_dir}: vocabulary {len(vocab)} ({vocab.level}), tokens train/valid/test "
+        f"{tokens['train']:,}/{tokens['valid']:,}/{tokens['test']:,}, {model.count_params():,} parameters"
+    )
+
+    recorder = run_callbacks.RunRecorder(run, lambda r: save_checkpoint(r, model))
+    callbacks = [
+        run_callbacks.StateResetter(),
+        run_callbacks.PerplexityLogger(char_level=vocab.level == "char"),
+        # Our own progress bar, so that the recorder's report prints after its last line.
+        keras.callbacks.ProgbarLogger(),
+        recorder,
+        keras.callbacks.TensorBoard(run.path("tensorboard"), write_graph=False),
+    ]
+    if run.epoch < train_config.epochs:
+        try:
+            model.fit(
+                datasets["train"],
+                validation_data=datasets["valid"],
+                epochs=train_config.epochs,
+                initial_epoch=run.epoch,
+                shuffle=False,
+                callbacks=callbacks,
+                verbose=verbose,
+            )
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted; {run.path(CHECKPOINT)} holds epoch {run.checkpoint_epoch}: continue with "
+                f"python train.py --resume --run-dir {run_dir}"
+            ) from None
+    if recorder.diverged:
+        raise UsageError("training diverged (NaN or infinite loss); lower --lr or --clipnorm and start again")
+    return evaluate_best(run, model, datasets["test"], verbose)
+
+
+def evaluate_best(run, model, test_dataset, verbose):
+    """Load model.keras into the training model, evaluate on the test split, write results.json."""
+    best = keras.models.load_model(run.path("model.keras"))  # safe mode: no code from the file
+    model.set_weights(best.get_weights())
+    reset_states(model)
+    test_loss = float(model.evaluate(test_dataset, verbose=verbose, return_dict=True)["loss"])
+    reset_states(model)
+    results = {
+        "best_epoch": run.best_epoch,
+        "best_val_loss": run.best_val_loss,
+        "best_val_perplexity": math.exp(run.best_val_loss),
+        "test_loss": test_loss,
+        "test_perplexity": math.exp(test_loss),
+    }
+    if run.vocab.level == "char":
+        results["best_val_bpc"] = run.best_val_loss / math.log(2)
+        results["test_bpc"] = test_loss / math.log(2)
+    write_text_atomic(run.path("results.json"), json.dumps(results, indent=2) + "\n")
+    figures = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "best_epoch")
+    print(f"best epoch {run.best_epoch}: {figures}")
+    return results

@@ -1,0 +1,152 @@
+"""Vocabulary: text ↔ token ids at character or word level, saved as vocab.json.
+
+No TensorFlow here: the inference side uses this module where TensorFlow is absent.
+"""
+
+import collections
+import json
+
+import numpy as np
+
+from keraslm.errors import UsageError
+
+UNK = "<unk>"
+EOS = "<eos>"
+
+
+class Vocabulary:
+    """Tokens in id order, and the rules that turn text into them.
+
+    Char level: every character is a token; there is no `<unk>` (a character the training split
+    lacks is reported, not silently mapped). Word level: whitespace split, `<eos>` after every line
+    (as pytorch/examples' `Corpus.tokenize`), `<unk>` for words outside the vocabulary.
+
+    Args:
+        level: "char" or "word".
+        tokens: the tokens in id order.
+
+    Example:
+        vocab = Vocabulary.build("to be or not\\nto be\\n", level="word")
+        ids = vocab.encode("to be or\\n")          # array([... , <eos> id])
+        vocab.decode(ids)                          # "to be or\\n"
+    """
+
+    def __init__(self, level, tokens):
+        if level not in ("char", "word"):
+            raise UsageError(f"unknown vocabulary level {level!r}; expected 'char' or 'word'")
+        self.level = level
+        self.tokens = list(tokens)
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+        if len(self.index) != len(self.tokens):
+            raise UsageError("vocabulary has duplicate tokens; vocab.json is damaged")
+        if level == "word" and (UNK not in self.index or EOS not in self.index):
+            raise UsageError(f"a word vocabulary needs {UNK} and {EOS}; vocab.json is damaged")
+
+    def __len__(self):
+        return len(self.tokens)
+
+    @classmethod
+    def build(cls, text, level, min_freq=1, max_vocab=0):
+        """Build from the training text.
+
+        Char level: the distinct characters, sorted. Word level: `<unk>`, `<eos>`, then the
+        words seen at least `min_freq` times by falling count (ties: first appearance), cut to
+        `max_vocab` tokens in all when it is positive.
+        """
+        if level == "char":
+            return cls("char", sorted(set(text)))
+        counts = collections.Counter(_words(text))
+        # Counter.most_common keeps first-appearance order among equal counts.
+        words = [w for w, n in counts.most_common() if n >= min_freq and w not in (UNK, EOS)]
+        if max_vocab:
+            words = words[: max(max_vocab - 2, 0)]
+        return cls("word", [UNK, EOS, *words])
+
+    @property
+    def unk_id(self):
+        """Id of `<unk>` (word level), else None."""
+        return self.index.get(UNK) if self.level == "word" else None
+
+    @property
+    def start_token(self):
+        """Token that begins generation from an empty prompt: `<eos>`, or a newline if known."""
+        if self.level == "word":
+            return EOS
+        return "\n" if "\n" in self.index else None
+
+    def split(self, text):
+        """Text to tokens (strings), `<eos>` at each line end at word level."""
+        return list(text) if self.level == "char" else _words(text)
+
+    def encode(self, text, skip_unknown=False):
+        """Text to an int32 id array.
+
+        Word level maps unknown words to `<unk>`. Char level raises UsageError naming unknown
+        characters, or drops them with `skip_unknown=True`.
+        """
+        tokens = self.split(text)
+        if self.level == "word":
+            unk = self.index[UNK]
+            return np.fromiter((self.index.get(t, unk) for t in tokens), np.int32, len(tokens))
+        unknown = {t for t in set(tokens) if t not in self.index}
+        if unknown and not skip_unknown:
+            shown = ", ".join(repr(c) for c in sorted(unknown)[:10])
+            raise UsageError(f"characters not in the vocabulary: {shown}; remove them or skip them")
+        return np.array([self.index[t] for t in tokens if t in self.index], np.int32)
+
+    def decode(self, ids):
+        """Ids to text: characters joined, or words joined by spaces with `<eos>` as a newline."""
+        tokens = [self.tokens[int(i)] for i in ids]
+        if self.level == "char":
+            return "".join(tokens)
+        lines, line = [], []
+        for t in tokens:
+            if t == EOS:
+                lines.append(" ".join(line) + "\n")
+                line = []
+            else:
+                line.append(t)
+        return "".join(lines) + " ".join(line)
+
+    def to_dict(self):
+        """A JSON-ready dict: level, tokens in id order, special tokens."""
+        specials = {"unk": UNK, "eos": EOS} if self.level == "word" else {}
+        return {"level": self.level, "tokens": self.tokens, "special_tokens": specials}
+
+    @classmethod
+    def from_dict(cls, d):
+        """Inverse of `to_dict`; malformed input is a UsageError."""
+        if not isinstance(d, dict) or not isinstance(d.get("tokens"), list) or not d["tokens"]:
+            raise UsageError("vocabulary must be an object with a non-empty 'tokens' list")
+        if not all(isinstance(t, str) for t in d["tokens"]):
+            raise UsageError("vocabulary tokens must all be strings")
+        return cls(d.get("level"), d["tokens"])
+
+    def save(self, path):
+        """Write vocab.json atomically."""
+        from keraslm.files import write_text_atomic
+
+        write_text_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path):
+        """Read vocab.json."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                return cls.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise UsageError(f"{path} not found: is this a keraslm run directory?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
+
+
+def _words(text):
+    # pytorch/examples' Corpus: every line ends with <eos>, empty lines included. Here <eos>
+    # stands for the newline itself, so text without a final newline (a prompt) ends without it.
+    words = []
+    lines = text.split("\n")
+    for line in lines[:-1]:
+        words.extend(line.split())
+        words.append(EOS)
+    words.extend(lines[-1].split())
+    return words

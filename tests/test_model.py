@@ -1,0 +1,112 @@
+import keras
+import numpy as np
+import pytest
+
+from keraslm.config import CELLS, ModelConfig
+from keraslm.data import tbptt_arrays
+from keraslm.errors import UsageError
+from keraslm.model import build_model, keras_step, reset_states, state_names
+from keraslm.vocab import Vocabulary
+
+
+def tiny_config(cell, **kwargs):
+    return ModelConfig(
+        **{
+            "vocabulary_size": 10,
+            "cell": cell,
+            "num_layers": 2,
+            "embedding_dim": 6,
+            "hidden_dim": 5,
+            "dropout": 0.1,
+            **kwargs,
+        }
+    )
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_each_cell_trains_and_lowers_its_loss(cell, shakespeare_text):
+    keras.utils.set_random_seed(0)
+    vocab = Vocabulary.build(shakespeare_text[:20_000], "char")
+    x, y = tbptt_arrays(vocab.encode(shakespeare_text[:20_000]), batch_size=8, bptt=25)
+    config = ModelConfig(vocabulary_size=len(vocab), cell=cell, embedding_dim=32, hidden_dim=64, num_layers=1)
+    model = build_model(config, batch_size=8, stateful=True)
+    model.compile(
+        keras.optimizers.Adam(1e-2, global_clipnorm=1.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    before = model.evaluate(x[0], y[0], batch_size=8, verbose=0)
+    reset_states(model)
+    for _ in range(3):
+        for k in range(len(x)):  # windows in stream order, state carried between them
+            model.train_on_batch(x[k], y[k])
+        reset_states(model)
+    after = model.evaluate(x[0], y[0], batch_size=8, verbose=0)
+    assert after < before - 0.5, (before, after)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_stateless_twin_matches_stateful_model_window_by_window(cell, tie_weights):
+    config = tiny_config(cell, tie_weights=tie_weights, embedding_dim=5)
+    stateful = build_model(config, batch_size=3, stateful=True)
+    twin = build_model(config)
+    twin.set_weights(stateful.get_weights())
+    tokens = np.random.default_rng(0).integers(0, 10, (3, 12)).astype(np.int32)
+
+    reset_states(stateful)
+    windows = [np.asarray(stateful(tokens[:, k : k + 4])) for k in range(0, 12, 4)]
+    step, state = keras_step(twin, config, batch_size=3)
+    steps = []
+    for k in range(12):  # token by token, the state carried explicitly
+        logits, state = step(tokens[:, k : k + 1], state)
+        steps.append(logits)
+    np.testing.assert_allclose(np.concatenate(windows, 1), np.concatenate(steps, 1), atol=1e-5)
+
+
+def test_twin_names_its_state_inputs_and_outputs():
+    twin = build_model(tiny_config("lstm"))
+    assert sorted(twin.input) == ["c0_in", "c1_in", "h0_in", "h1_in", "tokens"]
+    assert sorted(twin.output) == ["c0_out", "c1_out", "h0_out", "h1_out", "logits"]
+    assert state_names(tiny_config("gru")) == ["h0", "h1"]
+
+
+def test_tied_weights_are_one_variable():
+    config = tiny_config("gru", tie_weights=True, embedding_dim=5)
+    model = build_model(config, batch_size=2, stateful=True)
+    matrices = [w for w in model.weights if w.shape == (10, 5)]
+    assert len(matrices) == 1 and "embedding" in matrices[0].path
+    assert not any(layer.name == "logits" for layer in model.layers)
+    # The projection really is that matrix: changing it changes the logits as h @ E.T would.
+    twin = build_model(config)
+    twin.set_weights(model.get_weights())
+    step, state = keras_step(twin, config, batch_size=1)
+    tokens = np.array([[3]], np.int32)
+    before, after_state = step(tokens, state)
+    embedding = twin.get_layer("embedding")
+    embedding.embeddings.assign(embedding.embeddings.numpy() * 2)
+    twin_logits = np.asarray(twin({"tokens": tokens, **state})["logits"])
+    assert not np.allclose(before, twin_logits)
+
+
+def test_tie_weights_needs_equal_sizes():
+    with pytest.raises(UsageError, match="embedding-dim equal to --hidden-dim"):
+        tiny_config("lstm", tie_weights=True, embedding_dim=6, hidden_dim=5).validate()
+
+
+def test_one_hot_input():
+    config = tiny_config("rnn_relu", one_hot=True)
+    model = build_model(config, batch_size=2, stateful=True)
+    assert not any(layer.name == "embedding" for layer in model.layers)
+    assert model(np.zeros((2, 3), np.int32)).shape == (2, 3, 10)
+
+
+def test_model_keras_round_trip_in_safe_mode(tmp_path):
+    config = tiny_config("lstm", tie_weights=True, embedding_dim=5)
+    twin = build_model(config)
+    twin.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras", safe_mode=True)
+    inputs = {
+        "tokens": np.array([[1, 2, 3]], np.int32),
+        **{f"{n}_in": np.full((1, 5), 0.1, np.float32) for n in state_names(config)},
+    }
+    for name, value in twin(inputs).items():
+        np.testing.assert_allclose(np.asarray(loaded(inputs)[name]), np.asarray(value), atol=1e-6)
