@@ -154,14 +154,9 @@ class RunRecorder(keras.callbacks.Callback):
         if not train.sample_tokens:
             return None
         rng = np.random.default_rng(train.seed + run.epoch)
-        prompt = train.sample_prompt
-        ids = run.vocab.encode(prompt, skip_unknown=True)
-        if not len(ids):
-            start = run.vocab.start_token
-            ids = np.array([run.vocab.index[start] if start else rng.integers(len(run.vocab))], np.int32)
-            prompt = run.vocab.decode(ids)
+        ids = run.vocab.encode_prompt(train.sample_prompt, rng, skip_unknown=True)
+        prompt = run.vocab.decode(ids)
         sampler = make_sampler(temperature=train.sample_temperature)
         step, state = keras_step(run.twin, run.config.model, batch_size=1)
         tokens = generate(step, ids[None, :], state, train.sample_tokens, sampler, rng)
-        joiner = " " if run.vocab.level == "word" and not prompt.endswith(("\n", " ")) else ""
-        return prompt + joiner + run.vocab.decode(tokens[0])
+        return run.vocab.join(prompt, run.vocab.decode(tokens[0]))

@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from keraslm.errors import UsageError
+from keraslm.errors import UsageError, first_line
 
 SPLITS = ("train", "valid", "test")
 # TFDS names the middle split "validation"; a few datasets have no test split.
@@ -71,11 +71,12 @@ def _load_tfds(name, data_dir, manual_dir):
     # TFDS retries a failed download ten times with exponential backoff, minutes of silence
     # when offline; three tries are plenty for a flaky network.
     downloader.MAX_RETRIES = 3
+    tfds.disable_progress_bar()  # its bars are noise in a training log
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # TFDS raises its own DatasetNotFoundError and others.
         raise UsageError(
-            f"TFDS has no dataset {name!r} ({_first_line(e)}); check the name with tfds.list_builders()"
+            f"TFDS has no dataset {name!r} ({first_line(e)}); check the name with tfds.list_builders()"
         ) from None
     text_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Text)]
     if not text_keys:
@@ -85,7 +86,7 @@ def _load_tfds(name, data_dir, manual_dir):
     except Exception as e:
         default_manual = os.path.join(builder.data_dir_root, "downloads", "manual")
         raise UsageError(
-            f"TFDS could not download or prepare {name!r} ({_first_line(e)}); offline, put its "
+            f"TFDS could not download or prepare {name!r} ({first_line(e)}); offline, put its "
             f"source file in {manual_dir or default_manual} or pass --tfds-manual-dir DIR "
             "(for tiny_shakespeare: the folder holding input.txt)"
         ) from None
@@ -99,11 +100,6 @@ def _load_tfds(name, data_dir, manual_dir):
         # Examples are documents: join them as lines so one stream runs through the split.
         splits[split] = "\n".join(ex[key].decode("utf-8") for ex in tfds.as_numpy(dataset))
     return splits
-
-
-def _first_line(e):
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def tbptt_arrays(ids, batch_size, bptt):

@@ -6,3 +6,9 @@ class UsageError(Exception):
 
     The message names the problem and, where there is one, the fix.
     """
+
+
+def first_line(error, limit=200):
+    """The first line of an exception's message, for one-line errors that quote a library's."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__

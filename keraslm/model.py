@@ -84,13 +84,13 @@ def state_names(model_config):
     return [f"{k}{i}" for i in range(model_config.num_layers) for k in kinds]
 
 
-def _recurrent_layer(model_config, index, stateful, use_cudnn):
+def _recurrent_layer(model_config, name, stateful, use_cudnn):
     common = dict(
         units=model_config.hidden_dim,
         return_sequences=True,
         return_state=not stateful,
         stateful=stateful,
-        name=f"rnn_{index}",
+        name=name,
     )
     cell = model_config.cell
     if cell == "lstm":
@@ -101,7 +101,9 @@ def _recurrent_layer(model_config, index, stateful, use_cudnn):
     return keras.layers.SimpleRNN(activation="tanh" if cell == "rnn_tanh" else "relu", **common)
 
 
-def build_model(model_config: ModelConfig, batch_size=None, stateful=False, use_cudnn="auto"):
+def build_model(
+    model_config: ModelConfig, batch_size=None, stateful=False, use_cudnn="auto", with_mask=False, layers_of=None
+):
     """Build the language model.
 
     Args:
@@ -111,6 +113,10 @@ def build_model(model_config: ModelConfig, batch_size=None, stateful=False, use_
             False builds the stateless twin: inputs {"tokens", "h0_in", ...}, outputs
             {"logits", "h0_out", ...}.
         use_cudnn: passed to LSTM and GRU; export uses False so the graph runs on any CPU.
+        with_mask: stateless only: add a boolean input "mask" [B, T]; masked steps leave the
+            state as it was (export primes prompts of different lengths, left-padded, with it).
+        layers_of: a stateless model built by this function whose layers (and so weights) the new
+            model reuses instead of making its own.
 
     Returns:
         A functional `keras.Model`. The stateful model takes tokens and returns logits. Both
@@ -131,24 +137,33 @@ def build_model(model_config: ModelConfig, batch_size=None, stateful=False, use_
         f"{name}_in": keras.Input(batch_shape=(batch_size, c.hidden_dim), dtype="float32", name=f"{name}_in")
         for name in ([] if stateful else state_names(c))
     }
+    if with_mask:
+        state_inputs["mask"] = keras.Input(batch_shape=(batch_size, None), dtype="bool", name="mask")
+
+    def layer(name, make):
+        return layers_of.get_layer(name) if layers_of is not None else make(name=name)
 
     if c.one_hot:
-        x = OneHot(c.vocabulary_size, name="one_hot")(tokens)
+        x = layer("one_hot", lambda name: OneHot(c.vocabulary_size, name=name))(tokens)
     elif c.tie_weights:
-        embedding = TiedEmbedding(c.vocabulary_size, c.embedding_dim, name="embedding")
+        embedding = layer("embedding", lambda name: TiedEmbedding(c.vocabulary_size, c.embedding_dim, name=name))
         x = embedding(tokens)
     else:
-        x = keras.layers.Embedding(c.vocabulary_size, c.embedding_dim, name="embedding")(tokens)
+        embedding = layer(
+            "embedding", lambda name: keras.layers.Embedding(c.vocabulary_size, c.embedding_dim, name=name)
+        )
+        x = embedding(tokens)
     x = keras.layers.Dropout(c.dropout, name="embedding_dropout")(x)
 
     state_outputs = {}
     for i in range(c.num_layers):
-        layer = _recurrent_layer(c, i, stateful, use_cudnn)
+        rnn = layer(f"rnn_{i}", lambda name: _recurrent_layer(c, name, stateful, use_cudnn))
         if stateful:
-            x = layer(x)
+            x = rnn(x)
         else:
             kinds = ("h", "c") if c.cell == "lstm" else ("h",)
-            x, *states = layer(x, initial_state=[state_inputs[f"{k}{i}_in"] for k in kinds])
+            initial_state = [state_inputs[f"{k}{i}_in"] for k in kinds]
+            x, *states = rnn(x, initial_state=initial_state, mask=state_inputs.get("mask"))
             for k, state in zip(kinds, states, strict=True):
                 # float32 states under a mixed-precision policy, as the export contract says.
                 state_outputs[f"{k}{i}_out"] = keras.layers.Identity(name=f"{k}{i}_out", dtype="float32")(state)
@@ -160,7 +175,8 @@ def build_model(model_config: ModelConfig, batch_size=None, stateful=False, use_
         logits = embedding(x, reverse=True)
     else:
         # float32 logits (and so a float32 loss) under a mixed-precision policy.
-        logits = keras.layers.Dense(c.vocabulary_size, dtype="float32", name="logits")(x)  # (B, T, V)
+        dense = layer("logits", lambda name: keras.layers.Dense(c.vocabulary_size, dtype="float32", name=name))
+        logits = dense(x)  # (B, T, V)
 
     if stateful:
         return keras.Model(tokens, logits, name="keraslm")

@@ -115,7 +115,7 @@ def make_sampler(temperature=1.0, top_k=0, top_p=1.0):
     return Sampler(temperature)
 
 
-def generate(step, prompt_ids, state, num_tokens, sampler, rng):
+def generate(step, prompt_ids, state, num_tokens, sampler, rng, on_token=None):
     """Prime the state with the prompt in one call, then sample `num_tokens` tokens.
 
     Args:
@@ -125,6 +125,7 @@ def generate(step, prompt_ids, state, num_tokens, sampler, rng):
         num_tokens: tokens to generate.
         sampler: a `Sampler`.
         rng: a `numpy.random.Generator`.
+        on_token: called with each new column of tokens [B] as it comes (streaming).
 
     Returns:
         int32 [B, num_tokens], the generated tokens.
@@ -133,6 +134,8 @@ def generate(step, prompt_ids, state, num_tokens, sampler, rng):
     out = np.empty((len(prompt_ids), num_tokens), np.int32)
     for t in range(num_tokens):
         out[:, t] = sampler(logits[:, -1], rng)
+        if on_token is not None:
+            on_token(out[:, t])
         if t + 1 < num_tokens:
             logits, state = step(out[:, t : t + 1], state)
     return out

@@ -108,6 +108,21 @@ class Vocabulary:
                 line.append(t)
         return "".join(lines) + " ".join(line)
 
+    def encode_prompt(self, prompt, rng, skip_unknown=False):
+        """A prompt's ids, never empty: an empty prompt is the start token, or without one a
+        token drawn with `rng` (as pytorch/examples' generate.py starts)."""
+        ids = self.encode(prompt, skip_unknown=skip_unknown)
+        if len(ids):
+            return ids
+        start = self.start_token
+        return np.array([self.index[start] if start is not None else rng.integers(len(self))], np.int32)
+
+    def join(self, prompt, continuation):
+        """Prompt and decoded continuation as one text (a space between words at word level)."""
+        if self.level == "word" and prompt and continuation and not prompt.endswith(("\n", " ")):
+            return prompt + " " + continuation
+        return prompt + continuation
+
     def to_dict(self):
         """A JSON-ready dict: level, tokens in id order, special tokens."""
         specials = {"unk": UNK, "eos": EOS} if self.level == "word" else {}

@@ -21,9 +21,9 @@ def shakespeare_text():
     return (TINY_SHAKESPEARE_DIR / "input.txt").read_text(encoding="utf-8")
 
 
-def run_script(*args, timeout=600, **kwargs):
-    """Run one of the project's scripts as a user would; return the CompletedProcess."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+def run_script(*args, timeout=600, env=None, **kwargs):
+    """Run one of the project's scripts as a user would (plus `env`); return the CompletedProcess."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
     )
@@ -36,3 +36,22 @@ def error_lines(stderr):
         for line in stderr.splitlines()
         if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All log messages"))
     ]
+
+
+def make_run(directory, cell="lstm", num_layers=1, level="char", hidden_dim=16, **train_overrides):
+    """Train a tiny model for two windows (in-process) and return its run directory."""
+    from keraslm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from keraslm.training import train
+
+    directory.mkdir(parents=True, exist_ok=True)
+    corpus = directory / "corpus.txt"
+    source = TINY_SHAKESPEARE_DIR / "input.txt" if level == "char" else WIKITEXT_DIR / "train.txt"
+    corpus.write_text(source.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    config = RunConfig(
+        model=ModelConfig(cell=cell, num_layers=num_layers, embedding_dim=8, hidden_dim=hidden_dim),
+        data=DataConfig(source=str(corpus), level=level),
+        train=TrainConfig(batch_size=4, bptt=10, epochs=1, sample_tokens=0, **train_overrides),
+    )
+    run_dir = directory / "run"
+    train(config, str(run_dir), dry_run=True, verbose=0)
+    return run_dir

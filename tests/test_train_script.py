@@ -103,6 +103,36 @@ def test_resume_continues_from_the_right_epoch(tmp_path):
     assert refused.returncode == 2 and "lr" in error_lines(refused.stderr)[0]
 
 
+def test_same_seed_same_run_and_options_that_change_the_step(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:30_000])
+    losses = []
+    for name, extra in (("a", []), ("b", []), ("xla", ["--jit-compile"]), ("bf16", ["--mixed-precision"])):
+        result = run_script(
+            "train.py",
+            "--data",
+            data,
+            "--epochs",
+            "1",
+            "--run-dir",
+            tmp_path / name,
+            "--seed",
+            "7",
+            "--cell",
+            "gru",
+            "--dropout",
+            "0.3",
+            *SMALL,
+            *extra,
+        )
+        assert result.returncode == 0, result.stderr
+        losses.append([(r["loss"], r["val_loss"]) for r in history(tmp_path / name)])
+    assert losses[0] == losses[1]
+    # XLA and bfloat16 compute change the arithmetic, not the model: close, not equal.
+    for other in losses[2:]:
+        assert abs(float(other[0][1]) - float(losses[0][0][1])) < 0.1
+
+
 def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     data = tmp_path / "corpus.txt"

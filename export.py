@@ -1,0 +1,31 @@
+"""Export a run for TF Serving and ONNX Runtime: python export.py RUN_DIR --help."""
+
+from keraslm.cli import ArgumentParser, run_main
+
+
+def parse_args(argv):
+    p = ArgumentParser(description="Export a trained run to saved_models/NAME/VERSION (SavedModel + ONNX).")
+    p.add_argument("run_dir", help="a run directory written by train.py")
+    p.add_argument("--out", default="saved_models", help="base folder of exported models (default saved_models)")
+    p.add_argument("--name", help="model name, the folder under --out (default: the run directory's name)")
+    p.add_argument("--version", type=int, help="version number (default: the next free integer)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
+    p.add_argument("--check", action="store_true", help="print the parity figures of the checks")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from keraslm.export import export_run  # TensorFlow loads here, after the argument checks
+
+    version_dir, report = export_run(args.run_dir, args.out, args.name, args.version, args.overwrite)
+    sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report["sizes"].items())
+    print(f"exported {version_dir} in {report['seconds']:.1f} s ({sizes})")
+    print(f"ONNX operators: {', '.join(report['onnx_ops'])}")
+    if args.check:
+        for name, value in report["parity"].items():
+            print(f"parity {name}: max |Δ| = {value:.2e}")
+
+
+if __name__ == "__main__":
+    run_main(main)

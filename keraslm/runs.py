@@ -1,0 +1,47 @@
+"""Reading a finished run directory: config.json, vocab.json and model.keras, checked together."""
+
+import os
+
+from keraslm.config import RunConfig
+from keraslm.errors import UsageError, first_line
+from keraslm.vocab import Vocabulary
+
+
+def load_run(run_dir, use_cudnn="auto"):
+    """Load a run's config, vocabulary and best model as the stateless twin.
+
+    Args:
+        run_dir: a directory written by train.py.
+        use_cudnn: for the rebuilt LSTM / GRU layers; export passes False so that the traced
+            graph holds no CudnnRNN op, whatever machine trained the model.
+
+    Returns:
+        (RunConfig, Vocabulary, keras.Model): the twin built from config.json with the weights of
+        model.keras, loaded in Keras' safe mode (no code runs from the file).
+    """
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"{run_dir} is not a directory; give a run directory written by train.py")
+    missing = [f for f in ("config.json", "vocab.json", "model.keras") if not os.path.exists(os.path.join(run_dir, f))]
+    if missing:
+        raise UsageError(f"{run_dir} is not a finished keraslm run (no {', '.join(missing)}); give a run directory")
+    config = RunConfig.load(os.path.join(run_dir, "config.json"))
+    vocab = Vocabulary.load(os.path.join(run_dir, "vocab.json"))
+    if len(vocab) != config.model.vocabulary_size:
+        raise UsageError(
+            f"{run_dir}: vocab.json has {len(vocab)} tokens but the model has {config.model.vocabulary_size} outputs"
+        )
+
+    import keras
+
+    from keraslm.model import build_model
+
+    try:
+        saved = keras.models.load_model(os.path.join(run_dir, "model.keras"), safe_mode=True)
+    except Exception as e:  # Keras raises ValueError, OSError, zipfile errors … on a damaged file
+        raise UsageError(f"{run_dir}/model.keras cannot be loaded ({first_line(e)}); it is damaged") from None
+    twin = build_model(config.model, use_cudnn=use_cudnn)
+    try:
+        twin.set_weights(saved.get_weights())
+    except ValueError as e:
+        raise UsageError(f"{run_dir}/model.keras does not match config.json ({first_line(e)})") from None
+    return config, vocab, twin

@@ -1,0 +1,142 @@
+"""export.py: the SavedModel and ONNX artifacts, their signatures, parity and atomic versions."""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime
+import pytest
+import tensorflow as tf
+from conftest import error_lines, make_run, run_script
+
+from keraslm.errors import UsageError
+from keraslm.export import export_run
+from keraslm.model import keras_step
+from keraslm.runs import load_run
+from keraslm.sampling import GreedySampler, generate
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_export_reloads_with_parity(tmp_path, cell, num_layers, level):
+    run_dir = make_run(tmp_path, cell, num_layers, level)
+    version_dir, report = export_run(str(run_dir), out=str(tmp_path / "models"), name="lm")
+    assert version_dir == str(tmp_path / "models" / "lm" / "1")
+    assert max(report["parity"].values()) <= 1e-4
+
+    description = json.loads((tmp_path / "models/lm/1/assets.extra/keraslm.json").read_text())
+    kinds = ["h", "c"] if cell == "lstm" else ["h"]
+    names = [f"{k}{i}" for i in range(num_layers) for k in kinds]
+    assert [s["name"] for s in description["states"]] == names
+    assert description["vocabulary"]["level"] == level
+
+    # ONNX Runtime: the contract's names, dynamic batch and time, zero initial state.
+    session = onnxruntime.InferenceSession(os.path.join(version_dir, "assets.extra", "model.onnx"))
+    assert sorted(i.name for i in session.get_inputs()) == sorted(["tokens", *(f"{n}_in" for n in names)])
+    assert sorted(o.name for o in session.get_outputs()) == sorted(["logits", *(f"{n}_out" for n in names)])
+    feed = {
+        "tokens": np.array([[1, 2, 3, 4, 5]] * 3, np.int32),
+        **{f"{n}_in": np.zeros((3, 16), np.float32) for n in names},
+    }
+    logits = session.run(["logits"], feed)[0]
+    assert logits.shape == (3, 5, description["config"]["model"]["vocabulary_size"])
+
+    serving = tf.saved_model.load(version_dir).signatures["serving_default"]
+    saved = serving(**{k: tf.constant(v) for k, v in feed.items()})
+    np.testing.assert_allclose(saved["logits"].numpy(), logits, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    base = tmp_path_factory.mktemp("export")
+    run_dir = make_run(base, "lstm", 2, "char")
+    version_dir, _ = export_run(str(run_dir), out=str(base / "models"), name="lm")
+    config, vocab, twin = load_run(str(run_dir))
+    return tf.saved_model.load(version_dir).signatures["generate"], config, vocab, twin
+
+
+def call_generate(signature, prompts, max_new_tokens=12, temperature=0.8, top_k=0, top_p=1.0, seed=1):
+    out = signature(
+        prompt=tf.constant(prompts),
+        max_new_tokens=tf.constant(max_new_tokens, tf.int32),
+        temperature=tf.constant(temperature, tf.float32),
+        top_k=tf.constant(top_k, tf.int32),
+        top_p=tf.constant(top_p, tf.float32),
+        seed=tf.constant(seed, tf.int64),
+    )
+    return [t.decode() for t in out["text"].numpy()], out["tokens"].numpy()
+
+
+def test_generate_same_seed_same_text_and_seeds_differ(exported):
+    signature, *_ = exported
+    a, _ = call_generate(signature, ["ROMEO:"], seed=3)
+    b, _ = call_generate(signature, ["ROMEO:"], seed=3)
+    c, _ = call_generate(signature, ["ROMEO:"], seed=4)
+    assert a == b and a != c
+
+
+def test_generate_greedy_is_the_argmax_continuation(exported):
+    signature, config, vocab, twin = exported
+    texts, tokens = call_generate(signature, ["First Citizen:"], temperature=0.0)
+    step, state = keras_step(twin, config.model, batch_size=1)
+    expected = generate(step, vocab.encode("First Citizen:")[None, :], state, 12, GreedySampler(), None)
+    np.testing.assert_array_equal(tokens, expected)
+    assert texts[0] == vocab.decode(expected[0])
+
+
+def test_generate_batches_prompts_of_different_lengths_and_the_empty_prompt(exported):
+    signature, *_ = exported
+    prompts = ["To be, or not", "", "A"]
+    texts, tokens = call_generate(signature, prompts, temperature=0.0)
+    assert tokens.shape == (3, 12)
+    for i, prompt in enumerate(prompts):  # each row as if generated alone
+        alone, alone_tokens = call_generate(signature, [prompt], temperature=0.0)
+        np.testing.assert_array_equal(tokens[i], alone_tokens[0])
+        assert texts[i] == alone[0]
+
+
+def test_generate_only_emits_vocabulary_tokens(exported):
+    signature, _, vocab, _ = exported
+    texts, tokens = call_generate(signature, ["x", "yz"], temperature=1.5, top_k=5, max_new_tokens=30)
+    assert tokens.min() >= 0 and tokens.max() < len(vocab)
+    assert all(set(t) <= set(vocab.tokens) for t in texts)
+    texts, _ = call_generate(signature, ["x"], temperature=1.0, top_p=0.5, max_new_tokens=5)
+    assert len(texts[0]) == 5
+
+
+def test_existing_version_is_never_overwritten(tmp_path):
+    run_dir = make_run(tmp_path)
+    out = str(tmp_path / "models")
+    export_run(str(run_dir), out=out, name="lm")
+    stamp = os.path.getmtime(tmp_path / "models/lm/1/saved_model.pb")
+    with pytest.raises(UsageError, match="--overwrite"):
+        export_run(str(run_dir), out=out, name="lm", version=1)
+    assert os.path.getmtime(tmp_path / "models/lm/1/saved_model.pb") == stamp
+    version_dir, _ = export_run(str(run_dir), out=out, name="lm")
+    assert version_dir.endswith("/2")
+    export_run(str(run_dir), out=out, name="lm", version=1, overwrite=True)
+    assert sorted(os.listdir(tmp_path / "models/lm")) == ["1", "2"]
+
+
+def test_failure_midway_leaves_no_partial_version(tmp_path, monkeypatch):
+    import keraslm.export
+
+    run_dir = make_run(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise UsageError("parity check failed: simulated")
+
+    monkeypatch.setattr(keraslm.export, "check_parity", broken)
+    with pytest.raises(UsageError):
+        export_run(str(run_dir), out=str(tmp_path / "models"), name="lm")
+    assert os.listdir(tmp_path / "models/lm") == []
+
+
+def test_export_script(tmp_path):
+    run_dir = make_run(tmp_path)
+    result = run_script("export.py", run_dir, "--out", tmp_path / "models", "--check")
+    assert result.returncode == 0, result.stderr
+    assert "parity onnx_vs_keras" in result.stdout and "LSTM" in result.stdout
+    bad = run_script("export.py", tmp_path / "models", "--out", tmp_path / "models")
+    assert bad.returncode == 2 and len(error_lines(bad.stderr)) == 1
