@@ -253,6 +253,9 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
     tmp = tempfile.mkdtemp(prefix=".export-", dir=base_dir)
     try:
         module = ExportModule(config, vocab, twin)
+        # tf.saved_model.save warns about the lookup table's initializer collection; it is harmless
+        # (the table is restored through the object graph), so keep the export log clean.
+        tf.get_logger().setLevel("ERROR")
         tf.saved_model.save(module, tmp, signatures={"serving_default": module.step, "generate": module.generate})
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)

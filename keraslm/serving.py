@@ -91,6 +91,8 @@ def _to_json(value):
     value = np.asarray(value)
     if value.dtype == object or value.dtype.kind in "SU":
         return [v.decode() if isinstance(v, bytes) else str(v) for v in value.ravel()] if value.ndim else str(value)
+    if value.ndim == 0 and value.dtype.kind == "f":
+        return float(str(value))  # the shortest decimal that reads back as the same float32: 0.8
     return value.tolist()
 
 
