@@ -17,7 +17,7 @@ from keraslm.sampling import generate, make_sampler
 def parse_args(argv):
     p = ArgumentParser(description="Sample text from a keraslm model with temperature, top-k or top-p sampling.")
     p.add_argument("model", help="an export (saved_models/NAME or saved_models/NAME/VERSION) or a run directory")
-    p.add_argument("--backend", choices=BACKENDS, default="onnx", help="runtime (default onnx)")
+    p.add_argument("--backend", choices=BACKENDS, help="runtime (default: onnx for an export, keras for a run)")
     p.add_argument("--prompt", default="", help="text to continue (default: the start token)")
     p.add_argument("--num-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")

@@ -206,8 +206,13 @@ def keras_step(twin, model_config, batch_size):
     The state is the dict of `{name}_in` arrays; each call's `{name}_out` become the next inputs.
     """
 
+    import tensorflow as tf
+
+    # One traced graph per input shape instead of an eager call per token: ~10× faster per step.
+    call = tf.function(lambda inputs: twin(inputs, training=False), reduce_retracing=True)
+
     def step(tokens, state):
-        outputs = twin({"tokens": tokens, **state}, training=False)
+        outputs = call({"tokens": tokens, **state})
         logits = np.asarray(outputs.pop("logits"))
         return logits, {name[: -len("_out")] + "_in": np.asarray(value) for name, value in outputs.items()}
 

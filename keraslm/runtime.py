@@ -135,18 +135,17 @@ class KerasBackend(Backend):
     """A run directory's model.keras (checks a model before it is exported)."""
 
     def __init__(self, run_dir):
-        from keraslm.model import state_names
+        from keraslm.model import keras_step, state_names
         from keraslm.runs import load_run
 
-        config, vocab, self.model = load_run(run_dir)
+        config, vocab, model = load_run(run_dir)
         hidden = config.model.hidden_dim
         states = [
             {"input": f"{n}_in", "output": f"{n}_out", "shape": [None, hidden]} for n in state_names(config.model)
         ]
         super().__init__(vocab, states)
-
-    def _run(self, inputs):
-        return self.model(inputs, training=False)
+        # The model's own step, traced once per shape (see keras_step).
+        self.step, _ = keras_step(model, config.model, batch_size=1)
 
 
 class TFServingBackend(Backend):
@@ -209,11 +208,13 @@ class TFServingBackend(Backend):
             raise UsageError(f"cannot reach TF Serving at {self.server} ({reason}); is it running?") from None
 
 
-def open_backend(model, backend="onnx", server=None, model_name=None, version=None, timeout=10.0):
-    """The backend for MODEL (a version, model base or run directory)."""
-    if backend not in BACKENDS:
+def open_backend(model, backend=None, server=None, model_name=None, version=None, timeout=10.0):
+    """The backend for MODEL (a version, model base or run directory); None picks onnx for an
+    export and keras for a run directory."""
+    if backend is not None and backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind, path = resolve_model(model)
+    backend = backend or ("onnx" if kind == "export" else "keras")
     if backend == "keras":
         if kind != "run":
             raise UsageError(f"the keras backend needs a run directory (with model.keras); {model} is an export")

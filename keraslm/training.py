@@ -91,12 +91,21 @@ class Run:
         self.wait = state["wait"]
 
 
+def seed_states(model):
+    """The dropout layers' random-number states, which model.save leaves out.
+
+    Restoring them makes a resumed run draw the same dropout masks as one never stopped.
+    """
+    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
+
+
 def save_checkpoint(run, model):
-    """Weights, optimizer state (learning rate included) and bookkeeping, in one atomic file."""
+    """Weights, optimizer state (learning rate included), RNG state and bookkeeping, in one atomic file."""
+    state = {**run.state(), "seed_states": [v.numpy().tolist() for v in seed_states(model)]}
     with atomic_path(run.path(CHECKPOINT)) as tmp:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
-            archive.writestr(CHECKPOINT_STATE, json.dumps(run.state()))
+            archive.writestr(CHECKPOINT_STATE, json.dumps(state))
     run.checkpoint_epoch = run.epoch
 
 
@@ -116,6 +125,8 @@ def load_checkpoint(run, model):
     if saved != current:
         raise UsageError(f"--resume: {path} was written with another configuration; start a new run")
     model.load_weights(path)
+    for variable, value in zip(seed_states(model), state["seed_states"], strict=True):
+        variable.assign(value)
     run.restore(state)
     run.checkpoint_epoch = run.epoch
 
