@@ -93,6 +93,8 @@ class RunRecorder(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.train_tokens = (batch + 1) * self.run.config.train.batch_size * self.run.config.train.bptt
+        if logs and not math.isfinite(logs.get("loss", 0.0)):
+            self.model.stop_training = True  # no use finishing the epoch; on_epoch_end reports it
 
     def on_test_begin(self, logs=None):
         if self.train_end is None:

@@ -4,6 +4,7 @@ Sources: `tfds:NAME` (any TFDS dataset with a text feature), a directory holding
 train.txt / valid.txt / test.txt, or one text file split 90/5/5 in order.
 """
 
+import logging
 import os
 
 import numpy as np
@@ -71,6 +72,7 @@ def _load_tfds(name, data_dir, manual_dir):
     # TFDS retries a failed download ten times with exponential backoff, minutes of silence
     # when offline; three tries are plenty for a flaky network.
     downloader.MAX_RETRIES = 3
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # one error line instead of a warning per retry
     tfds.disable_progress_bar()  # its bars are noise in a training log
     try:
         builder = tfds.builder(name, data_dir=data_dir)

@@ -38,3 +38,10 @@ def write_text_atomic(path, text):
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
+
+def remove_stale_temporaries(directory):
+    """Delete temporary files that `atomic_path` left behind when its process was killed (-9)."""
+    for name in os.listdir(directory):
+        if name.startswith(".") and ".tmp" in name:
+            os.remove(os.path.join(directory, name))

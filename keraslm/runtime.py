@@ -55,6 +55,13 @@ def load_description(version_dir):
     return description, vocab, states
 
 
+def _check_output_size(path, size, vocab):
+    if size != len(vocab):
+        raise UsageError(
+            f"{path}: the model has {size} outputs but keraslm.json's vocabulary {len(vocab)} tokens; export again"
+        )
+
+
 class Backend:
     """One model step on NumPy arrays. Subclasses implement `_run(inputs) -> outputs dict`.
 
@@ -94,6 +101,8 @@ class OnnxBackend(Backend):
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise UsageError(f"{path} cannot be loaded ({first_line(e)}); export the run again") from None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        logits = {o.name: o.shape for o in self.session.get_outputs()}.get("logits")
+        _check_output_size(path, logits[-1] if logits else None, vocab)
 
     def _run(self, inputs):
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
@@ -112,6 +121,7 @@ class SavedModelBackend(Backend):
         except Exception as e:  # TF raises OSError, DecodeError, … on a damaged saved_model.pb
             raise UsageError(f"{version_dir}: the SavedModel cannot be loaded ({first_line(e)})") from None
         self.signature = self.model.signatures["serving_default"]
+        _check_output_size(version_dir, self.signature.structured_outputs["logits"].shape[-1], vocab)
 
     def _run(self, inputs):
         return {k: v.numpy() for k, v in self.signature(**inputs).items()}

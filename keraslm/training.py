@@ -21,7 +21,7 @@ from keraslm import callbacks as run_callbacks
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
 from keraslm.errors import UsageError
-from keraslm.files import atomic_path, write_text_atomic
+from keraslm.files import atomic_path, remove_stale_temporaries, write_text_atomic
 from keraslm.model import build_model, reset_states
 from keraslm.vocab import Vocabulary
 
@@ -80,6 +80,7 @@ class Run:
             "best_epoch": self.best_epoch,
             "wait": self.wait,
             "config": self.config.to_dict(),
+            "vocabulary_sha256": self.vocab.sha256(),
         }
 
     def restore(self, state):
@@ -124,6 +125,8 @@ def load_checkpoint(run, model):
         section["train"] = {k: v for k, v in section["train"].items() if k != "epochs"}
     if saved != current:
         raise UsageError(f"--resume: {path} was written with another configuration; start a new run")
+    if state.get("vocabulary_sha256") != run.vocab.sha256():
+        raise UsageError(f"--resume: {path} was written with another vocabulary than vocab.json; start a new run")
     model.load_weights(path)
     for variable, value in zip(seed_states(model), state["seed_states"], strict=True):
         variable.assign(value)
@@ -210,6 +213,7 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1):
             datasets[name] = datasets[name].take(2)
 
     os.makedirs(run_dir, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     run = Run(run_dir, config, vocab)
     model = build_model(config.model, batch_size=train_config.batch_size, stateful=True)
     model.compile(

@@ -123,6 +123,12 @@ class Vocabulary:
             return prompt + " " + continuation
         return prompt + continuation
 
+    def sha256(self):
+        """A fingerprint of level and tokens, to tell whether two vocabularies are the same."""
+        import hashlib
+
+        return hashlib.sha256(json.dumps([self.level, self.tokens]).encode()).hexdigest()
+
     def to_dict(self):
         """A JSON-ready dict: level, tokens in id order, special tokens."""
         specials = {"unk": UNK, "eos": EOS} if self.level == "word" else {}

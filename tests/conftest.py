@@ -30,11 +30,12 @@ def run_script(*args, timeout=600, env=None, **kwargs):
 
 
 def error_lines(stderr):
-    """stderr without TensorFlow's C++ start-up log lines, which no flag silences."""
+    """stderr without TensorFlow's C++ log lines (and their tab-indented continuations), which no
+    flag silences."""
     return [
         line
         for line in stderr.splitlines()
-        if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All log messages"))
+        if line.strip() and not line.startswith(("I0000", "W0000", "E0000", "WARNING: All log messages", "\t"))
     ]
 
 
