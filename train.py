@@ -10,7 +10,7 @@ from keraslm.config import CELLS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
 from keraslm.errors import UsageError
 
 # Flags that are not part of RunConfig.
-RUN_FLAGS = ("run_dir", "resume", "dry_run", "verbose", "dataset", "data")
+RUN_FLAGS = ("run_dir", "resume", "dry_run", "verbose", "dataset", "data", "strategy")
 
 
 def parse_args(argv):
@@ -75,6 +75,12 @@ def parse_args(argv):
     run = p.add_argument_group("run")
     run.add_argument("--run-dir", help="run directory (default runs/<dataset>-<cell>-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
+    run.add_argument(
+        "--strategy",
+        choices=("default", "mirrored", "multi-worker"),
+        default="default",
+        help="tf.distribute: one device, all local GPUs (mirrored), or a cluster from TF_CONFIG",
+    )
     run.add_argument("--dry-run", action="store_true", help="two windows of each phase per epoch (smoke test)")
     run.add_argument(
         "--verbose", type=int, choices=(0, 1, 2), help="1 = progress bar (default on a terminal), 2 = a line per epoch"
@@ -151,7 +157,7 @@ def main(argv=None):
     from keraslm.training import Interrupted, train  # TensorFlow loads here, after the checks
 
     try:
-        train(config, run_dir, resume=args.resume, dry_run=args.dry_run, verbose=verbose)
+        train(config, run_dir, resume=args.resume, dry_run=args.dry_run, verbose=verbose, strategy=args.strategy)
     except Interrupted as e:
         raise KeyboardInterrupt(str(e)) from None
 

@@ -11,6 +11,11 @@ from keraslm.model import keras_step, reset_states
 from keraslm.sampling import generate, make_sampler
 
 
+def learning_rate(model):
+    """The optimizer's current learning rate as a float (also for a mirrored variable)."""
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
 class StateResetter(keras.callbacks.Callback):
     """Zero the carried RNN state at every epoch start and around every evaluation.
 
@@ -53,13 +58,13 @@ class PerplexityLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         if logs is not None:
             self._add(logs)
-            logs["lr"] = float(self.model.optimizer.learning_rate)
+            logs["lr"] = learning_rate(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             self._add(logs)
             self._add(logs, "val_")
-            logs["lr"] = float(self.model.optimizer.learning_rate)
+            logs["lr"] = learning_rate(self.model)
 
 
 class RunRecorder(keras.callbacks.Callback):
@@ -111,7 +116,7 @@ class RunRecorder(keras.callbacks.Callback):
             self.diverged = True
             self.model.stop_training = True
             return
-        lr = float(self.model.optimizer.learning_rate)
+        lr = learning_rate(self.model)
         now = time.perf_counter()
         tokens_per_second = self.train_tokens / ((self.train_end or now) - self.epoch_start)
         row = history.epoch_row(epoch + 1, loss, val_loss, lr, tokens_per_second, now - self.epoch_start)
@@ -143,7 +148,7 @@ class RunRecorder(keras.callbacks.Callback):
         if self.run.vocab.level == "char":
             figures += f" bpc {row['bpc']:.3f}"
             val += f" bpc {row['val_bpc']:.3f}"
-        note = "best so far, saved model.keras" if improved else f"lr now {float(self.model.optimizer.learning_rate):g}"
+        note = "best so far, saved model.keras" if improved else f"lr now {learning_rate(self.model):g}"
         speed = f"{row['seconds']:.0f} s, {row['tokens_per_second']:,.0f} tokens/s"
         print(f"epoch {row['epoch']} ({speed}) | train {figures} | valid {val} | {note}")
         sample = self.sample()

@@ -145,5 +145,7 @@ def tbptt_dataset(ids, batch_size, bptt):
     import tensorflow as tf
 
     x, y = tbptt_arrays(ids, batch_size, bptt)
+    # Rows, batched back into windows: a batch tf.distribute can split by columns across replicas.
     # Order matters (state carries from window to window): never shuffle this dataset.
-    return tf.data.Dataset.from_tensor_slices((x, y)).prefetch(tf.data.AUTOTUNE)
+    rows = tf.data.Dataset.from_tensor_slices((x.reshape(-1, bptt), y.reshape(-1, bptt)))
+    return rows.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

@@ -12,6 +12,8 @@ and weights, with the state as explicit inputs `h{i}_in` (LSTM also `c{i}_in`) a
 import keras
 import numpy as np
 from keras import ops
+from keras.src import backend, tree  # private: the two helpers Keras' own state creation uses
+from keras.src.utils import tracking
 
 from keraslm.config import ModelConfig
 
@@ -78,6 +80,47 @@ class TiedEmbedding(keras.layers.Layer):
         return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim}
 
 
+class PerReplicaState:
+    """Mixin for Keras' stateful RNN layers: the carried state lives in sync-on-read variables.
+
+    Keras creates a stateful layer's state as an ordinary (under tf.distribute: mirrored)
+    variable, so replicas that each carry their own batch columns overwrite one another's state.
+    A sync-on-read variable keeps one copy per replica, read and assigned locally: replica r
+    carries the state of its own columns from window to window. Outside a distribution
+    strategy it is an ordinary variable.
+    """
+
+    @tracking.no_automatic_dependency_tracking  # as Keras does: the state is not a weight
+    def _create_state_variables(self, batch_size):
+        with backend.name_scope(self.name, caller=self):
+            self.states = [
+                backend.Variable(
+                    value,
+                    trainable=False,
+                    dtype=self.variable_dtype,
+                    name="rnn_state",
+                    synchronization="on_read",
+                    aggregation="only_first_replica",  # what a cross-replica read (a shape) sees
+                )
+                for value in tree.flatten(self.get_initial_state(batch_size))
+            ]
+
+
+@keras.saving.register_keras_serializable(package="keraslm")
+class StatefulLSTM(PerReplicaState, keras.layers.LSTM):
+    """keras.layers.LSTM carrying per-replica state (see PerReplicaState)."""
+
+
+@keras.saving.register_keras_serializable(package="keraslm")
+class StatefulGRU(PerReplicaState, keras.layers.GRU):
+    """keras.layers.GRU carrying per-replica state (see PerReplicaState)."""
+
+
+@keras.saving.register_keras_serializable(package="keraslm")
+class StatefulSimpleRNN(PerReplicaState, keras.layers.SimpleRNN):
+    """keras.layers.SimpleRNN carrying per-replica state (see PerReplicaState)."""
+
+
 def state_names(model_config):
     """Names of the per-layer state tensors, in the order the layers return them."""
     kinds = ("h", "c") if model_config.cell == "lstm" else ("h",)
@@ -94,11 +137,12 @@ def _recurrent_layer(model_config, name, stateful, use_cudnn):
     )
     cell = model_config.cell
     if cell == "lstm":
-        return keras.layers.LSTM(use_cudnn=use_cudnn, **common)
+        return (StatefulLSTM if stateful else keras.layers.LSTM)(use_cudnn=use_cudnn, **common)
     if cell == "gru":
-        return keras.layers.GRU(use_cudnn=use_cudnn, **common)
+        return (StatefulGRU if stateful else keras.layers.GRU)(use_cudnn=use_cudnn, **common)
     # SimpleRNN has no cuDNN kernel in Keras; tanh and relu are PyTorch's RNN_TANH / RNN_RELU.
-    return keras.layers.SimpleRNN(activation="tanh" if cell == "rnn_tanh" else "relu", **common)
+    activation = "tanh" if cell == "rnn_tanh" else "relu"
+    return (StatefulSimpleRNN if stateful else keras.layers.SimpleRNN)(activation=activation, **common)
 
 
 def build_model(

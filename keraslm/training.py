@@ -18,6 +18,7 @@ import zipfile
 import keras
 
 from keraslm import callbacks as run_callbacks
+from keraslm import distribute
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
 from keraslm.errors import UsageError
@@ -139,15 +140,16 @@ def make_optimizer(train_config):
 
     `clip_grad_norm_(params, max_norm)` rescales all gradients together when their global L2
     norm exceeds max_norm: that is Keras' `global_clipnorm`. (Keras' `clipnorm` clips each
-    variable's gradient on its own, a different rule.)
+    variable's gradient on its own, a different rule.) Across replicas, the clipping sees the
+    gradient of the whole global batch (distribute.ClipAcrossReplicas).
     """
     clip = {"global_clipnorm": train_config.clipnorm} if train_config.clipnorm else {}
     lr = train_config.lr
     if train_config.optimizer == "sgd":
-        return keras.optimizers.SGD(lr, **clip)
+        return distribute.SGD(lr, **clip)
     if train_config.optimizer == "adam":
-        return keras.optimizers.Adam(lr, **clip)
-    return keras.optimizers.AdamW(lr, weight_decay=train_config.weight_decay, **clip)
+        return distribute.Adam(lr, **clip)
+    return distribute.AdamW(lr, weight_decay=train_config.weight_decay, **clip)
 
 
 def encode_splits(splits, vocab):
@@ -166,7 +168,7 @@ def encode_splits(splits, vocab):
     return ids
 
 
-def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1):
+def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, strategy="default"):
     """Train (or resume) a run and evaluate its best model on the test split.
 
     Args:
@@ -175,6 +177,8 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1):
         resume: continue from the run directory's checkpoint.
         dry_run: two windows of each phase per epoch, a smoke test.
         verbose: Keras' fit verbosity (1 = progress bar, 2 = a line per epoch).
+        strategy: "default", "mirrored" or "multi-worker" (tf.distribute); checkpoints move
+            freely between them.
 
     Returns:
         The dict written to results.json.
@@ -188,6 +192,8 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1):
     if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
         raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     keras.utils.set_random_seed(train_config.seed)
+    strategy = distribute.make_strategy(strategy)
+    replica_batch_size = distribute.per_replica_batch_size(strategy, train_config.batch_size)
     if train_config.mixed_precision:
         import tensorflow as tf
 
@@ -215,17 +221,19 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1):
     os.makedirs(run_dir, exist_ok=True)
     remove_stale_temporaries(run_dir)
     run = Run(run_dir, config, vocab)
-    model = build_model(config.model, batch_size=train_config.batch_size, stateful=True)
-    model.compile(
-        optimizer=make_optimizer(train_config),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=train_config.jit_compile,
-    )
-    # Build the optimizer's slots now, so that even the epoch-0 checkpoint holds all of them.
-    model.optimizer.build(model.trainable_variables)
+    with strategy.scope():
+        # Each replica's layers carry the state of its own batch_size / replicas columns.
+        model = build_model(config.model, batch_size=replica_batch_size, stateful=True)
+        model.compile(
+            optimizer=make_optimizer(train_config),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=train_config.jit_compile,
+        )
+        # Build the optimizer's slots now, so that even the epoch-0 checkpoint holds all of them.
+        model.optimizer.build(model.trainable_variables)
     if resume:
         load_checkpoint(run, model)
-        print(f"resuming {run_dir} after epoch {run.epoch} (lr {float(model.optimizer.learning_rate):g})")
+        print(f"resuming {run_dir} after epoch {run.epoch} (lr {run_callbacks.learning_rate(model):g})")
     else:
         config.save(run.path("config.json"))
         vocab.save(run.path("vocab.json"))

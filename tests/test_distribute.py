@@ -1,0 +1,85 @@
+"""tf.distribute: a mirrored run on 2 logical CPU devices equals a single-device run; checkpoints
+move between strategies. Each run is a fresh process, since devices are fixed at TensorFlow start."""
+
+import csv
+import textwrap
+
+import pytest
+
+from conftest import ROOT, TINY_SHAKESPEARE_DIR, run_script
+
+DRIVER = textwrap.dedent(
+    """
+    import sys
+    import tensorflow as tf
+
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    sys.path.insert(0, {root!r})
+    from keraslm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+    from keraslm.training import train
+
+    run_dir, strategy, epochs, resume, cell = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume", sys.argv[5]
+    config = RunConfig(
+        model=ModelConfig(cell=cell, num_layers=2, embedding_dim=16, hidden_dim=32, dropout=0.0),
+        data=DataConfig(source={corpus!r}),
+        train=TrainConfig(batch_size=8, bptt=20, epochs=epochs, lr=1e-2, clipnorm=0.25, sample_tokens=0, seed=3),
+    )
+    if resume:
+        config = RunConfig.load(run_dir + "/config.json")
+        config.train.epochs = epochs
+    train(config, run_dir, resume=resume, verbose=0, strategy=strategy)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory):
+    base = tmp_path_factory.mktemp("distribute")
+    corpus = base / "corpus.txt"
+    corpus.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:40_000])
+    path = base / "driver.py"
+    path.write_text(DRIVER.format(root=str(ROOT), corpus=str(corpus)))
+    return path
+
+
+def train(driver, run_dir, strategy, epochs, cell="lstm", resume=False):
+    result = run_script(driver, run_dir, strategy, epochs, "resume" if resume else "new", cell)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run_dir / "history.csv") as f:
+        return [(float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+
+
+def assert_close(a, b, tolerance=1e-4):
+    assert len(a) == len(b)
+    for (x, y), (u, v) in zip(a, b, strict=True):
+        assert abs(x - u) <= tolerance and abs(y - v) <= tolerance, (a, b)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_mirrored_equals_single_device(tmp_path, driver, cell):
+    single = train(driver, tmp_path / "single", "default", 2, cell)
+    mirrored = train(driver, tmp_path / "mirrored", "mirrored", 2, cell)
+    assert_close(single, mirrored)
+
+
+def test_checkpoints_move_between_strategies(tmp_path, driver):
+    whole = train(driver, tmp_path / "whole", "default", 2)
+    train(driver, tmp_path / "a", "mirrored", 1)
+    assert_close(whole, train(driver, tmp_path / "a", "default", 2, resume=True))
+    train(driver, tmp_path / "b", "default", 1)
+    assert_close(whole, train(driver, tmp_path / "b", "mirrored", 2, resume=True))
+
+
+def test_clipping_measures_the_dense_gradient_as_torch_does():
+    import numpy as np
+    import tensorflow as tf
+
+    from keraslm.distribute import SGD
+
+    # Token 1 occurs twice: torch's dense embedding gradient row is [3, 0] + [1, 0] = [4, 0],
+    # norm 4; counted by occurrence (Keras' global_clipnorm) it would be sqrt(10).
+    embedding = tf.IndexedSlices(tf.constant([[3.0, 0.0], [1.0, 0.0]]), tf.constant([1, 1]), tf.constant([5, 2]))
+    dense = tf.constant([0.0, 0.0])
+    clipped = SGD(1.0, global_clipnorm=2.0)._clip_gradients([embedding, dense])
+    np.testing.assert_allclose(tf.convert_to_tensor(clipped[0]).numpy()[1], [2.0, 0.0], atol=1e-6)  # scaled by 2/4
