@@ -5,7 +5,6 @@ import csv
 import textwrap
 
 import pytest
-
 from conftest import ROOT, TINY_SHAKESPEARE_DIR, run_script
 
 DRIVER = textwrap.dedent(
