@@ -77,9 +77,9 @@ def parse_args(argv):
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     run.add_argument(
         "--strategy",
-        choices=("default", "mirrored", "multi-worker"),
+        choices=("default", "mirrored"),
         default="default",
-        help="tf.distribute: one device, all local GPUs (mirrored), or a cluster from TF_CONFIG",
+        help="tf.distribute: one device (default), or every local GPU with MirroredStrategy",
     )
     run.add_argument("--dry-run", action="store_true", help="two windows of each phase per epoch (smoke test)")
     run.add_argument(

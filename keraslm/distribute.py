@@ -5,26 +5,23 @@ r·B/R … (r+1)·B/R - 1 of every window (tf.distribute splits each global batc
 recurrent layers carry those columns' state in per-replica variables (see model.PerReplicaState).
 """
 
-import os
-
 import keras
 import tensorflow as tf
 
 from keraslm.errors import UsageError
 
-STRATEGIES = ("default", "mirrored", "multi-worker")
+# MultiWorkerMirroredStrategy is not offered: Keras 3.15's fit fails under it before the first
+# step (an eager cross-worker MEAN of the integer token batch in _maybe_symbolic_build, then a
+# MEAN over axis 0 of scalar metrics in reduce_per_replica).
+STRATEGIES = ("default", "mirrored")
 
 
 def make_strategy(name):
-    """The tf.distribute strategy for --strategy (multi-worker reads the cluster from TF_CONFIG)."""
+    """The tf.distribute strategy for --strategy: one device, or every local device mirrored."""
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
-    if name == "multi-worker":
-        if "TF_CONFIG" not in os.environ:
-            raise UsageError("--strategy multi-worker needs TF_CONFIG describing the cluster and this worker's task")
-        return tf.distribute.MultiWorkerMirroredStrategy()
     raise UsageError(f"unknown --strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
 
 

@@ -177,8 +177,7 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         resume: continue from the run directory's checkpoint.
         dry_run: two windows of each phase per epoch, a smoke test.
         verbose: Keras' fit verbosity (1 = progress bar, 2 = a line per epoch).
-        strategy: "default", "mirrored" or "multi-worker" (tf.distribute); checkpoints move
-            freely between them.
+        strategy: "default" or "mirrored" (tf.distribute); checkpoints move freely between them.
 
     Returns:
         The dict written to results.json.
@@ -187,12 +186,20 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         UsageError: bad configuration or data.
         Interrupted: Ctrl-C or SIGTERM; the checkpoint of the last finished epoch is intact.
     """
+    previous_policy = keras.mixed_precision.global_policy()
+    try:
+        return _train(config, run_dir, resume, dry_run, verbose, strategy)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)  # --mixed-precision is per run
+
+
+def _train(config, run_dir, resume, dry_run, verbose, strategy):
     config.validate()
     train_config = config.train
     if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
         raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
-    keras.utils.set_random_seed(train_config.seed)
     strategy = distribute.make_strategy(strategy)
+    keras.utils.set_random_seed(train_config.seed)
     replica_batch_size = distribute.per_replica_batch_size(strategy, train_config.batch_size)
     if train_config.mixed_precision:
         import tensorflow as tf

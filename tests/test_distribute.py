@@ -12,13 +12,15 @@ DRIVER = textwrap.dedent(
     import sys
     import tensorflow as tf
 
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    if sys.argv[2] == "mirrored":  # two replicas on one machine: two logical CPU devices
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, {root!r})
     from keraslm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from keraslm.training import train
 
-    run_dir, strategy, epochs, resume, cell = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "resume", sys.argv[5]
+    run_dir, strategy, epochs, resume, cell = sys.argv[1:6]
+    epochs, resume = int(epochs), resume == "resume"
     config = RunConfig(
         model=ModelConfig(cell=cell, num_layers=2, embedding_dim=16, hidden_dim=32, dropout=0.0),
         data=DataConfig(source={corpus!r}),

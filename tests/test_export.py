@@ -140,3 +140,19 @@ def test_export_script(tmp_path):
     assert "parity onnx_vs_keras" in result.stdout and "LSTM" in result.stdout
     bad = run_script("export.py", tmp_path / "models", "--out", tmp_path / "models")
     assert bad.returncode == 2 and len(error_lines(bad.stderr)) == 1
+
+
+def test_mixed_precision_checkpoint_exports_for_cpu_without_cudnn_ops(tmp_path):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    run_dir = make_run(tmp_path, "gru", 2, "char", mixed_precision=True)
+    version_dir, report = export_run(str(run_dir), out=str(tmp_path / "models"), name="lm")
+    assert max(report["parity"].values()) <= 1e-4
+    saved = saved_model_pb2.SavedModel.FromString(open(os.path.join(version_dir, "saved_model.pb"), "rb").read())
+    graph = saved.meta_graphs[0].graph_def
+    ops = {node.op for node in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+    assert "While" in ops or "StatelessWhile" in ops  # the recurrent loop is there …
+    assert not {op for op in ops if op.startswith("Cudnn")}  # … and no cuDNN kernel
+    assert json.loads((tmp_path / "models/lm/1/assets.extra/keraslm.json").read_text())["config"]["train"][
+        "mixed_precision"
+    ]
