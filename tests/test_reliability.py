@@ -79,6 +79,13 @@ def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, corpus):
     assert (
         run_script("train.py", "--data", corpus, "--epochs", "1", "--run-dir", tmp_path / "b", *SMALL).returncode == 0
     )
+    config_path = tmp_path / "b" / "config.json"
+    original = config_path.read_text()
+    edited = json.loads(original)
+    edited["train"]["lr"] = 0.5  # config.json no longer matches the checkpoint written with it
+    config_path.write_text(json.dumps(edited))
+    assert_one_line_error(run_script("train.py", "--resume", "--run-dir", tmp_path / "b"), "another configuration")
+    config_path.write_text(original)
     vocab = json.loads((tmp_path / "b" / "vocab.json").read_text())
     vocab["tokens"][-1] = "\u2603"
     (tmp_path / "b" / "vocab.json").write_text(json.dumps(vocab))
