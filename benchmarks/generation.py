@@ -34,42 +34,19 @@ from keraslm.sampling import Sampler, generate  # noqa: E402
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare", "input.txt")
 
 
-def build_model(hidden_dim):
-    """Train (dry run) and export the benchmark model once; return (run_dir, version_dir)."""
+def build_model(hidden_dim, cell="lstm"):
+    """Train (dry run) and export a 2-layer char model once; return (run_dir, version_dir)."""
     base = os.path.join(ROOT, "benchmarks", ".models")
-    run_dir = os.path.join(base, f"char-lstm-2x{hidden_dim}")
-    version_dir = os.path.join(base, "exports", f"char-lstm-2x{hidden_dim}", "1")
-    python = sys.executable
+    name = f"char-{cell}-2x{hidden_dim}"
+    run_dir = os.path.join(base, name)
+    version_dir = os.path.join(base, "exports", name, "1")
+    train = ["train.py", "--data", DATA, "--cell", cell, "--hidden-dim", str(hidden_dim), "--embedding-dim", "128"]
+    train += ["--dry-run", "--epochs", "1", "--sample-tokens", "0", "--run-dir", run_dir]
     if not os.path.exists(os.path.join(run_dir, "model.keras")):
-        subprocess.run(
-            [
-                python,
-                "train.py",
-                "--data",
-                DATA,
-                "--hidden-dim",
-                str(hidden_dim),
-                "--embedding-dim",
-                "128",
-                "--dry-run",
-                "--epochs",
-                "1",
-                "--sample-tokens",
-                "0",
-                "--run-dir",
-                run_dir,
-            ],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        subprocess.run([sys.executable, *train], cwd=ROOT, check=True, capture_output=True)
     if not os.path.exists(version_dir):
-        subprocess.run(
-            [python, "export.py", run_dir, "--out", os.path.join(base, "exports"), "--version", "1"],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
+        export = ["export.py", run_dir, "--out", os.path.join(base, "exports"), "--version", "1"]
+        subprocess.run([sys.executable, *export], cwd=ROOT, check=True, capture_output=True)
     return run_dir, version_dir
 
 

@@ -51,7 +51,7 @@ class PerplexityLogger(keras.callbacks.Callback):
         loss = logs.get(prefix + "loss")
         if loss is None:
             return
-        logs[prefix + "perplexity"] = math.exp(min(loss, 700.0))
+        logs[prefix + "perplexity"] = history.perplexity(loss)
         if self.char_level:
             logs[prefix + "bpc"] = loss / math.log(2)
 

@@ -1,7 +1,7 @@
 """Export a run as `saved_models/NAME/VERSION/`: a SavedModel TF Serving loads as it is, and ONNX.
 
     VERSION/saved_model.pb, variables/     signatures `serving_default` (one step) and `generate`
-    VERSION/assets.extra/model.onnx        the step function for ONNX Runtime
+    VERSION/assets.extra/model.onnx        the step function for ONNX Runtime (fused RNN ops)
     VERSION/assets.extra/keraslm.json      config, vocabulary, state tensor names and shapes
 
 Everything is built from the stateless twin with `use_cudnn=False`, so a model trained on a GPU
@@ -22,9 +22,10 @@ import tensorflow as tf
 from keraslm import __version__
 from keraslm.errors import UsageError
 from keraslm.model import build_model, keras_step, state_names
+from keraslm.onnx_step import OPSET as ONNX_OPSET
+from keraslm.onnx_step import build_step_graph
 from keraslm.runs import load_run
 
-ONNX_OPSET = 17
 PARITY_TOLERANCE = 1e-4
 FORMAT_VERSION = 1
 
@@ -167,14 +168,11 @@ def artifact_description(config, vocab):
     }
 
 
-def write_onnx(module, path):
-    """Convert the step function with tf2onnx and check the file with onnx and onnxruntime."""
+def write_onnx(twin, model_config, path):
+    """Write the step function as ONNX with fused LSTM / GRU / RNN ops (see onnx_step)."""
     import onnx
-    import tf2onnx
 
-    signature = module.step.input_signature
-    model_proto, _ = tf2onnx.convert.from_function(module.step, input_signature=signature, opset=ONNX_OPSET)
-    onnx.checker.check_model(model_proto, full_check=True)
+    model_proto = build_step_graph(twin, model_config)
     onnx.save(model_proto, path)
     return model_proto
 
@@ -259,7 +257,7 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
         tf.saved_model.save(module, tmp, signatures={"serving_default": module.step, "generate": module.generate})
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
-        onnx_proto = write_onnx(module, os.path.join(extra, "model.onnx"))
+        onnx_proto = write_onnx(twin, config.model, os.path.join(extra, "model.onnx"))
         with open(os.path.join(extra, "keraslm.json"), "w", encoding="utf-8") as f:
             json.dump(artifact_description(config, vocab), f, ensure_ascii=False, indent=1)
         parity = check_parity(tmp, twin, config.model)

@@ -20,6 +20,11 @@ COLUMNS = (
 )
 
 
+def perplexity(loss):
+    """exp(loss), as inf past float32's range (TensorBoard logs float32 and refuses larger values)."""
+    return math.exp(loss) if loss < 88.0 else math.inf
+
+
 def epoch_row(epoch, loss, val_loss, lr, tokens_per_second, seconds):
     """One history row from the two mean losses (nats per token).
 
@@ -29,10 +34,10 @@ def epoch_row(epoch, loss, val_loss, lr, tokens_per_second, seconds):
     return {
         "epoch": epoch,
         "loss": loss,
-        "perplexity": math.exp(min(loss, 700.0)),
+        "perplexity": perplexity(loss),
         "bpc": loss / math.log(2),
         "val_loss": val_loss,
-        "val_perplexity": math.exp(min(val_loss, 700.0)),
+        "val_perplexity": perplexity(val_loss),
         "val_bpc": val_loss / math.log(2),
         "lr": lr,
         "tokens_per_second": tokens_per_second,

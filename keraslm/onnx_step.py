@@ -73,8 +73,13 @@ def build_step_graph(twin, model_config):
         attributes["activations"] = ["Tanh" if c.cell == "rnn_tanh" else "Relu"]
     for i in range(c.num_layers):
         W, R, B = _onnx_weights(c.cell, *twin.get_layer(f"rnn_{i}").get_weights())
-        inputs = [x, constant(f"W{i}", W.astype(np.float32)), constant(f"R{i}", R.astype(np.float32)),
-                  constant(f"B{i}", B.astype(np.float32)), ""]  # "" = no sequence_lens
+        inputs = [
+            x,
+            constant(f"W{i}", W.astype(np.float32)),
+            constant(f"R{i}", R.astype(np.float32)),
+            constant(f"B{i}", B.astype(np.float32)),
+            "",
+        ]  # "" = no sequence_lens
         inputs.append(node("Unsqueeze", [f"h{i}_in", zero_axis], [f"h{i}_initial"]))  # [1, B, H]
         outputs = [f"y{i}", f"h{i}_last"]
         if c.cell == "lstm":

@@ -18,7 +18,7 @@ import zipfile
 import keras
 
 from keraslm import callbacks as run_callbacks
-from keraslm import distribute
+from keraslm import distribute, history
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
 from keraslm.errors import UsageError
@@ -292,9 +292,9 @@ def evaluate_best(run, model, test_dataset, verbose):
     results = {
         "best_epoch": run.best_epoch,
         "best_val_loss": run.best_val_loss,
-        "best_val_perplexity": math.exp(run.best_val_loss),
+        "best_val_perplexity": history.perplexity(run.best_val_loss),
         "test_loss": test_loss,
-        "test_perplexity": math.exp(test_loss),
+        "test_perplexity": history.perplexity(test_loss),
     }
     if run.vocab.level == "char":
         results["best_val_bpc"] = run.best_val_loss / math.log(2)
