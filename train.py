@@ -42,6 +42,9 @@ def parse_args(argv):
     model.add_argument(
         "--tie-weights", action="store_true", default=None, help="share the embedding with the output projection"
     )
+    model.add_argument(
+        "--init", choices=("keras", "torch"), help="initialisers: Keras' defaults (char) or pytorch/examples' (word)"
+    )
     model.add_argument("--one-hot", action="store_true", default=None, help="one-hot inputs instead of an embedding")
     train = p.add_argument_group("training")
     train.add_argument("--batch-size", type=int, help="TBPTT columns (char 32, word 20)")

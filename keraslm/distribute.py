@@ -57,10 +57,9 @@ class ClipAcrossReplicas:
 
 def _squared_norm(gradient):
     if isinstance(gradient, tf.IndexedSlices):
-        # Sum the rows of each token before squaring: the dense gradient's norm, without
-        # materialising a vocabulary × width matrix.
-        unique, position = tf.unique(gradient.indices)
-        rows = tf.math.unsorted_segment_sum(gradient.values, position, tf.shape(unique)[0])
+        # Sum the rows of each token before squaring: the dense gradient's norm. A segment sum
+        # into the full vocabulary keeps the shape static, which XLA needs (tf.unique is not).
+        rows = tf.math.unsorted_segment_sum(gradient.values, gradient.indices, gradient.dense_shape[0])
         return tf.reduce_sum(tf.square(tf.cast(rows, tf.float32)))
     return tf.reduce_sum(tf.square(tf.cast(gradient, tf.float32)))
 

@@ -53,15 +53,16 @@ class TiedEmbedding(keras.layers.Layer):
         output_dim: embedding width, equal to the last recurrent layer's width.
     """
 
-    def __init__(self, input_dim, output_dim, **kwargs):
+    def __init__(self, input_dim, output_dim, embeddings_initializer="uniform", **kwargs):
         super().__init__(**kwargs)
         self.input_dim = input_dim
         self.output_dim = output_dim
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
 
     def build(self, input_shape=None):
-        # keras.layers.Embedding's default initialiser, U(-0.05, 0.05).
+        # "uniform" is keras.layers.Embedding's default, U(-0.05, 0.05).
         self.embeddings = self.add_weight(
-            shape=(self.input_dim, self.output_dim), initializer="uniform", name="embeddings"
+            shape=(self.input_dim, self.output_dim), initializer=self.embeddings_initializer, name="embeddings"
         )
         self.bias = self.add_weight(shape=(self.input_dim,), initializer="zeros", name="bias")
 
@@ -77,7 +78,12 @@ class TiedEmbedding(keras.layers.Layer):
         return keras.KerasTensor((*inputs.shape, self.output_dim), dtype=self.compute_dtype)
 
     def get_config(self):
-        return {**super().get_config(), "input_dim": self.input_dim, "output_dim": self.output_dim}
+        return {
+            **super().get_config(),
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+        }
 
 
 class PerReplicaState:
@@ -127,6 +133,27 @@ def state_names(model_config):
     return [f"{k}{i}" for i in range(model_config.num_layers) for k in kinds]
 
 
+def _initializers(model_config):
+    """Initialisers per layer kind. "keras": Keras' defaults (uniform ±0.05 embedding, Glorot and
+    orthogonal kernels, forget-gate bias 1). "torch": pytorch/examples' word_language_model, i.e.
+    embedding and decoder U(-0.1, 0.1), decoder bias 0, and torch's RNN default U(-1/√H, 1/√H) for
+    every recurrent weight and bias."""
+    if model_config.init == "keras":
+        return {"embedding": {}, "rnn": {}, "dense": {}}
+    bound = model_config.hidden_dim**-0.5
+    rnn = {
+        key: keras.initializers.RandomUniform(-bound, bound)
+        for key in ("kernel_initializer", "recurrent_initializer", "bias_initializer")
+    }
+    if model_config.cell == "lstm":
+        rnn["unit_forget_bias"] = False
+    return {
+        "embedding": {"embeddings_initializer": keras.initializers.RandomUniform(-0.1, 0.1)},
+        "rnn": rnn,
+        "dense": {"kernel_initializer": keras.initializers.RandomUniform(-0.1, 0.1)},
+    }
+
+
 def _recurrent_layer(model_config, name, stateful, use_cudnn):
     common = dict(
         units=model_config.hidden_dim,
@@ -135,6 +162,7 @@ def _recurrent_layer(model_config, name, stateful, use_cudnn):
         stateful=stateful,
         name=name,
     )
+    common.update(_initializers(model_config)["rnn"])
     cell = model_config.cell
     if cell == "lstm":
         return (StatefulLSTM if stateful else keras.layers.LSTM)(use_cudnn=use_cudnn, **common)
@@ -184,17 +212,25 @@ def build_model(
     if with_mask:
         state_inputs["mask"] = keras.Input(batch_shape=(batch_size, None), dtype="bool", name="mask")
 
+    initializers = _initializers(c)
+
     def layer(name, make):
         return layers_of.get_layer(name) if layers_of is not None else make(name=name)
 
     if c.one_hot:
         x = layer("one_hot", lambda name: OneHot(c.vocabulary_size, name=name))(tokens)
     elif c.tie_weights:
-        embedding = layer("embedding", lambda name: TiedEmbedding(c.vocabulary_size, c.embedding_dim, name=name))
+        embedding = layer(
+            "embedding",
+            lambda name: TiedEmbedding(c.vocabulary_size, c.embedding_dim, name=name, **initializers["embedding"]),
+        )
         x = embedding(tokens)
     else:
         embedding = layer(
-            "embedding", lambda name: keras.layers.Embedding(c.vocabulary_size, c.embedding_dim, name=name)
+            "embedding",
+            lambda name: keras.layers.Embedding(
+                c.vocabulary_size, c.embedding_dim, name=name, **initializers["embedding"]
+            ),
         )
         x = embedding(tokens)
     x = keras.layers.Dropout(c.dropout, name="embedding_dropout")(x)
@@ -219,7 +255,10 @@ def build_model(
         logits = embedding(x, reverse=True)
     else:
         # float32 logits (and so a float32 loss) under a mixed-precision policy.
-        dense = layer("logits", lambda name: keras.layers.Dense(c.vocabulary_size, dtype="float32", name=name))
+        dense = layer(
+            "logits",
+            lambda name: keras.layers.Dense(c.vocabulary_size, dtype="float32", name=name, **initializers["dense"]),
+        )
         logits = dense(x)  # (B, T, V)
 
     if stateful:

@@ -110,3 +110,15 @@ def test_model_keras_round_trip_in_safe_mode(tmp_path):
     }
     for name, value in twin(inputs).items():
         np.testing.assert_allclose(np.asarray(loaded(inputs)[name]), np.asarray(value), atol=1e-6)
+
+
+def test_torch_initialisation_follows_pytorch_examples():
+    config = tiny_config("lstm", init="torch", hidden_dim=16)
+    weights = {w.path: w.numpy() for w in build_model(config).weights}
+    assert abs(weights["embedding/embeddings"]).max() <= 0.1
+    assert abs(weights["logits/kernel"]).max() <= 0.1 and not weights["logits/bias"].any()
+    for name in ("kernel", "recurrent_kernel", "bias"):  # U(-1/sqrt(H), 1/sqrt(H)), no forget-gate 1s
+        values = weights[f"rnn_0/lstm_cell/{name}"]
+        assert abs(values).max() <= 0.25 and values.std() > 0.1
+    with pytest.raises(UsageError, match="--init"):
+        tiny_config("lstm", init="xavier").validate()
