@@ -80,9 +80,10 @@ def parse_args(argv):
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     run.add_argument(
         "--strategy",
-        choices=("default", "mirrored"),
+        choices=("default", "mirrored", "multi-worker"),
         default="default",
-        help="tf.distribute: one device (default), or every local GPU with MirroredStrategy",
+        help="tf.distribute: one device (default), every local GPU (MirroredStrategy), or every device of the "
+        "workers in TF_CONFIG (MultiWorkerMirroredStrategy; run train.py on each worker)",
     )
     run.add_argument("--dry-run", action="store_true", help="two windows of each phase per epoch (smoke test)")
     run.add_argument(

@@ -5,24 +5,67 @@ r·B/R … (r+1)·B/R - 1 of every window (tf.distribute splits each global batc
 recurrent layers carry those columns' state in per-replica variables (see model.PerReplicaState).
 """
 
+import json
+import os
+
 import keras
 import tensorflow as tf
 
 from keraslm.errors import UsageError
 
-# MultiWorkerMirroredStrategy is not offered: Keras 3.15's fit fails under it before the first
-# step (an eager cross-worker MEAN of the integer token batch in _maybe_symbolic_build, then a
-# MEAN over axis 0 of scalar metrics in reduce_per_replica).
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multi-worker")
 
 
-def make_strategy(name):
-    """The tf.distribute strategy for --strategy: one device, or every local device mirrored."""
+def make_strategy(name, device=None):
+    """The tf.distribute strategy for --strategy (a name, or a Strategy passed through): one
+    device, every local device mirrored, or every device of every worker that TF_CONFIG lists
+    (MultiWorkerMirroredStrategy).
+
+    "default" on a machine with a GPU (or given `device`) is OneDeviceStrategy on it: Keras then
+    feeds fit a distributed dataset, which copies the next windows to the device while the
+    current one trains. MirroredStrategy's datasets prefetch to each replica's device alike.
+    """
+    if isinstance(name, tf.distribute.Strategy):
+        return name
     if name == "default":
-        return tf.distribute.get_strategy()
+        gpus = tf.config.list_logical_devices("GPU")
+        device = device or (gpus[0].name if gpus else None)
+        return tf.distribute.OneDeviceStrategy(device) if device else tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if name == "multi-worker":
+        check_tf_config()
+        return tf.distribute.MultiWorkerMirroredStrategy()
     raise UsageError(f"unknown --strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def check_tf_config():
+    """TF_CONFIG must name the workers and this process's place among them (one line if not)."""
+    raw = os.environ.get("TF_CONFIG")
+    if not raw:
+        raise UsageError(
+            '--strategy multi-worker needs TF_CONFIG, e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
+            '"task": {"type": "worker", "index": 0}}'
+        )
+    try:
+        config = json.loads(raw)
+        workers, task = config["cluster"]["worker"], config["task"]
+        if task["type"] != "worker" or not 0 <= int(task["index"]) < len(workers):
+            raise ValueError("task must be a worker listed in the cluster")
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"TF_CONFIG is not a worker cluster description ({e!s}); see the README") from None
+
+
+def is_multi_worker(strategy):
+    """True for MultiWorkerMirroredStrategy, which needs keraslm.loop instead of Model.fit."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief(strategy):
+    """Whether this process writes the run directory: always, except on workers other than 0."""
+    if not is_multi_worker(strategy):
+        return True
+    return strategy.cluster_resolver.task_id == 0
 
 
 def per_replica_batch_size(strategy, batch_size):

@@ -10,15 +10,18 @@ Run directory:
     tensorboard/      TensorBoard logs
 """
 
+import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import zipfile
 
 import keras
 
 from keraslm import callbacks as run_callbacks
-from keraslm import distribute, history
+from keraslm import distribute, history, loop
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
 from keraslm.errors import UsageError
@@ -177,7 +180,8 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         resume: continue from the run directory's checkpoint.
         dry_run: two windows of each phase per epoch, a smoke test.
         verbose: Keras' fit verbosity (1 = progress bar, 2 = a line per epoch).
-        strategy: "default" or "mirrored" (tf.distribute); checkpoints move freely between them.
+        strategy: "default", "mirrored" or "multi-worker" (tf.distribute); checkpoints move freely
+            between them. Under multi-worker only worker 0 writes run_dir.
 
     Returns:
         The dict written to results.json.
@@ -186,19 +190,42 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         UsageError: bad configuration or data.
         Interrupted: Ctrl-C or SIGTERM; the checkpoint of the last finished epoch is intact.
     """
+    config.validate()
+    if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
+    strategy = distribute.make_strategy(strategy)
+    if config.train.jit_compile and distribute.is_multi_worker(strategy):
+        raise UsageError("--jit-compile does not combine with --strategy multi-worker; leave one out")
     previous_policy = keras.mixed_precision.global_policy()
     try:
-        return _train(config, run_dir, resume, dry_run, verbose, strategy)
+        with writable_run_dir(run_dir, strategy, resume) as work_dir:
+            return _train(config, work_dir, resume, dry_run, verbose, strategy, run_dir)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)  # --mixed-precision is per run
 
 
-def _train(config, run_dir, resume, dry_run, verbose, strategy):
-    config.validate()
+@contextlib.contextmanager
+def writable_run_dir(run_dir, strategy, resume):
+    """The directory this process writes: the run directory, except on multi-worker workers other
+    than 0, which write a scratch copy removed at the end (TF's multi-worker convention: every
+    worker saves, because saving may involve all of them, and only the chief's files are kept).
+    On --resume every worker reads the run directory, which must therefore be shared or copied.
+    """
+    if distribute.is_chief(strategy):
+        yield run_dir
+        return
+    scratch = tempfile.mkdtemp(prefix="keraslm-worker-")
+    try:
+        if resume:
+            for name in ("config.json", "vocab.json", CHECKPOINT):
+                shutil.copy(os.path.join(run_dir, name), scratch)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
     train_config = config.train
-    if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
-        raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
-    strategy = distribute.make_strategy(strategy)
     keras.utils.set_random_seed(train_config.seed)
     replica_batch_size = distribute.per_replica_batch_size(strategy, train_config.batch_size)
     if train_config.mixed_precision:
@@ -263,19 +290,24 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy):
     ]
     if run.epoch < train_config.epochs:
         try:
-            model.fit(
-                datasets["train"],
-                validation_data=datasets["valid"],
-                epochs=train_config.epochs,
-                initial_epoch=run.epoch,
-                shuffle=False,
-                callbacks=callbacks,
-                verbose=verbose,
-            )
+            if distribute.is_multi_worker(strategy):
+                loop.fit(
+                    model, datasets["train"], datasets["valid"], train_config.epochs, run.epoch, callbacks, verbose
+                )
+            else:
+                model.fit(
+                    datasets["train"],
+                    validation_data=datasets["valid"],
+                    epochs=train_config.epochs,
+                    initial_epoch=run.epoch,
+                    shuffle=False,
+                    callbacks=callbacks,
+                    verbose=verbose,
+                )
         except KeyboardInterrupt:
             raise Interrupted(
-                f"interrupted; {run.path(CHECKPOINT)} holds epoch {run.checkpoint_epoch}: continue with "
-                f"python train.py --resume --run-dir {run_dir}"
+                f"interrupted; {os.path.join(shown_run_dir, CHECKPOINT)} holds epoch {run.checkpoint_epoch}: "
+                f"continue with python train.py --resume --run-dir {shown_run_dir}"
             ) from None
     if recorder.diverged:
         raise UsageError("training diverged (NaN or infinite loss); lower --lr or --clipnorm and start again")
@@ -287,7 +319,10 @@ def evaluate_best(run, model, test_dataset, verbose):
     best = keras.models.load_model(run.path("model.keras"))  # safe mode: no code from the file
     model.set_weights(best.get_weights())
     reset_states(model)
-    test_loss = float(model.evaluate(test_dataset, verbose=verbose, return_dict=True)["loss"])
+    if distribute.is_multi_worker(model.distribute_strategy):
+        test_loss = loop.evaluate(model, test_dataset, verbose)["loss"]
+    else:
+        test_loss = float(model.evaluate(test_dataset, verbose=verbose, return_dict=True)["loss"])
     reset_states(model)
     results = {
         "best_epoch": run.best_epoch,

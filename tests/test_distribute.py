@@ -1,11 +1,17 @@
-"""tf.distribute: a mirrored run on 2 logical CPU devices equals a single-device run; checkpoints
-move between strategies. Each run is a fresh process, since devices are fixed at TensorFlow start."""
+"""tf.distribute: a mirrored run on 2 logical CPU devices and a 2-process multi-worker run on
+127.0.0.1 equal a single-device run; checkpoints move between strategies. Each run is a fresh
+process, since devices are fixed at TensorFlow start."""
 
 import csv
+import json
+import os
+import socket
+import subprocess
+import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, TINY_SHAKESPEARE_DIR, run_script
+from conftest import ROOT, TINY_SHAKESPEARE_DIR, error_lines, run_script
 
 DRIVER = textwrap.dedent(
     """
@@ -21,6 +27,10 @@ DRIVER = textwrap.dedent(
 
     run_dir, strategy, epochs, resume, cell = sys.argv[1:6]
     epochs, resume = int(epochs), resume == "resume"
+    if strategy == "one-device":  # what --strategy default is on a GPU machine, here on the CPU
+        from keraslm.distribute import make_strategy
+
+        strategy = make_strategy("default", device="/cpu:0")
     config = RunConfig(
         model=ModelConfig(cell=cell, num_layers=2, embedding_dim=16, hidden_dim=32, dropout=0.0),
         data=DataConfig(source={corpus!r}),
@@ -64,12 +74,70 @@ def test_mirrored_equals_single_device(tmp_path, driver, cell):
     assert_close(single, mirrored)
 
 
+def test_one_device_strategy_equals_the_default(tmp_path, driver):
+    # On a GPU, --strategy default trains under OneDeviceStrategy so that windows prefetch to it.
+    assert_close(train(driver, tmp_path / "plain", "default", 1), train(driver, tmp_path / "one", "one-device", 1))
+
+
 def test_checkpoints_move_between_strategies(tmp_path, driver):
     whole = train(driver, tmp_path / "whole", "default", 2)
     train(driver, tmp_path / "a", "mirrored", 1)
     assert_close(whole, train(driver, tmp_path / "a", "default", 2, resume=True))
     train(driver, tmp_path / "b", "default", 1)
     assert_close(whole, train(driver, tmp_path / "b", "mirrored", 2, resume=True))
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def train_multi_worker(driver, run_dir, epochs, workers=2):
+    """train.py's code path under --strategy multi-worker: one process per worker, TF_CONFIG each."""
+    addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
+    processes = []
+    for index in range(workers):
+        tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config)}
+        command = [sys.executable, str(driver), str(run_dir), "multi-worker", str(epochs), "new", "lstm"]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+    with open(run_dir / "history.csv") as f:
+        return [(float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
+
+
+def test_multi_worker_equals_single_device_and_resumes_on_one(tmp_path, driver):
+    single = train(driver, tmp_path / "single", "default", 2)
+    assert_close(single, train_multi_worker(driver, tmp_path / "multi", 2))
+    assert sorted(p.name for p in (tmp_path / "multi").iterdir()) == sorted(
+        p.name for p in (tmp_path / "single").iterdir()
+    )
+    train_multi_worker(driver, tmp_path / "moved", 1)
+    assert_close(single, train(driver, tmp_path / "moved", "default", 2, resume=True))
+
+
+@pytest.mark.parametrize(
+    "tf_config, message",
+    [
+        (None, "needs TF_CONFIG"),
+        ("{not json", "TF_CONFIG is not a worker cluster description"),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 3}}', "TF_CONFIG is not"),
+    ],
+)
+def test_multi_worker_needs_a_valid_tf_config(tmp_path, monkeypatch, tf_config, message):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    env = {} if tf_config is None else {"TF_CONFIG": tf_config}
+    result = run_script("train.py", "--strategy", "multi-worker", "--run-dir", tmp_path / "run", env=env)
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_clipping_measures_the_dense_gradient_as_torch_does():
