@@ -1,96 +1,125 @@
-"""Training throughput and quality, keraslm against the PyTorch loop its users would otherwise run.
+"""Training throughput, quality and the compute bound: keraslm against the PyTorch loop its users
+would otherwise run, side by side in one command.
 
     pip install torch==2.13.0          # optional, benchmark-only
-    python benchmarks/train_peers.py [--epochs 1]
+    python benchmarks/train_peers.py [--config word|char|all] [--cells lstm,gru,...] [--repeats N]
 
-The PyTorch-reference word config (pytorch/examples' word_language_model: embedding 200, hidden 200,
-2-layer LSTM, dropout 0.2, batch 20, bptt 35, SGD lr 20, clip 0.25, eval batch 10) on
-../shared/data/wikitext-2-mini, run side by side in one command:
+Configs:
+- word: pytorch/examples' word_language_model (embedding 200, hidden 200, 2 layers, dropout 0.2,
+  batch 20, bptt 35, SGD lr 20, clip 0.25) on ../shared/data/wikitext-2-mini, one epoch, then
+  validation and the test evaluation, as its main.py does. keraslm runs `python train.py --data …
+  --level word` (its word defaults are that config); the peer is the reference's model, `batchify`,
+  `get_batch`, `repackage_hidden`, `train()` and `evaluate()`, written here in its style on the same
+  token stream. Reported: training tokens/s, validation perplexity, whole-process wall time.
+  SimpleRNN cells diverge at lr 20 (NaN within the first epoch, in both trainers), so for them
+  both use lr 1.
+- char: embedding 128, 2 × 512 units, dropout 0.1, batch 64, bptt 100, Adam 2e-3, clip 0.25, on the
+  first 256,000 characters of Tiny Shakespeare (valid and test: the next 64,000 each), two epochs;
+  tokens/s of the second (after warm-up: tracing, first allocations).
 
-- keraslm: `python train.py --data … --level word` (its word-level defaults are that config);
-- PyTorch: the reference's model, `batchify`, `get_batch`, `repackage_hidden` and `train()` loop,
-  written here in its own style, on the same token stream (keraslm's Vocabulary tokenises as the
-  reference's `Corpus` does).
-
-Each runs as its own process; the table gives training tokens/s (validation excluded), the
-validation perplexity after the last epoch, and the whole process's wall time.
+Each trainer runs as its own process, one after the other, alternating, `--repeats` times; the
+table gives medians. The compute bound: each config's matmuls per window (forward and backward,
+shape by shape, as TensorFlow runs them), timed on this machine with tf.matmul in float32; the
+sum is the time a step could take if it did nothing but those matmuls at the measured rates.
+Utilisation = that time / the measured step time.
 """
 
 import argparse
 import csv
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext-2-mini")
+DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CONFIGS = {
+    "word": dict(embedding=200, hidden=200, layers=2, dropout=0.2, batch=20, bptt=35, epochs=1),
+    "char": dict(embedding=128, hidden=512, layers=2, dropout=0.1, batch=64, bptt=100, epochs=2),
+}
+CHAR_TRAIN, CHAR_HELD_OUT = 256_000, 64_000
 
 
-def run_keraslm(epochs):
-    run_dir = tempfile.mkdtemp(prefix="keraslm-bench-")
+def char_data():
+    """A directory with train/valid/test.txt cut from Tiny Shakespeare (shared by both trainers)."""
+    text = open(os.path.join(DATA, "tinyshakespeare", "input.txt"), encoding="utf-8").read()
+    directory = tempfile.mkdtemp(prefix="keraslm-bench-char-")
+    cuts = {"train": (0, CHAR_TRAIN), "valid": (CHAR_TRAIN, CHAR_TRAIN + CHAR_HELD_OUT)}
+    cuts["test"] = (CHAR_TRAIN + CHAR_HELD_OUT, CHAR_TRAIN + 2 * CHAR_HELD_OUT)
+    for split, (start, end) in cuts.items():
+        with open(os.path.join(directory, f"{split}.txt"), "w", encoding="utf-8") as f:
+            f.write(text[start:end])
+    return directory
+
+
+def run_keraslm(config, cell, data):
+    run_dir = os.path.join(tempfile.mkdtemp(prefix="keraslm-bench-"), "run")
+    c = CONFIGS[config]
+    command = [sys.executable, "train.py", "--data", data, "--level", config, "--cell", cell, "--run-dir", run_dir]
+    command += ["--epochs", str(c["epochs"]), "--sample-tokens", "0", "--verbose", "0"]
+    if config == "char":
+        command += ["--hidden-dim", "512", "--batch-size", "64"]  # the rest are the char defaults
+    else:
+        command += ["--lr", str(word_lr(cell))]
     start = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--data",
-            DATA,
-            "--level",
-            "word",
-            "--epochs",
-            str(epochs),
-            "--sample-tokens",
-            "0",
-            "--run-dir",
-            os.path.join(run_dir, "run"),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     wall = time.perf_counter() - start
-    with open(os.path.join(run_dir, "run", "history.csv")) as f:
+    with open(os.path.join(run_dir, "history.csv")) as f:
         last = list(csv.DictReader(f))[-1]
-    return float(last["tokens_per_second"]), float(last["val_perplexity"]), wall
+    return float(last["tokens_per_second"]), float(last["val_loss"]), wall
 
 
-def run_pytorch(epochs):
+def run_pytorch(config, cell, data):
     start = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, __file__, "--pytorch-child", str(epochs)], cwd=ROOT, check=True, capture_output=True, text=True
-    ).stdout.split()
+    command = [sys.executable, __file__, "--pytorch-child", config, cell, data]
+    out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
     return float(out[-2]), float(out[-1]), time.perf_counter() - start
 
 
-def pytorch_child(epochs):
-    """pytorch/examples' word_language_model main.py, reduced to what one config needs."""
+def word_lr(cell):
+    return 20.0 if cell in ("lstm", "gru") else 1.0
+
+
+def pytorch_child(config, cell, data):
+    """pytorch/examples' word_language_model main.py (and char-rnn's setup), reduced to one config."""
     import torch
     import torch.nn as nn
 
     sys.path.insert(0, ROOT)
     from keraslm.vocab import Vocabulary
 
+    c = CONFIGS[config]
     torch.manual_seed(1111)
-    texts = {s: open(os.path.join(DATA, f"{s}.txt"), encoding="utf-8").read() for s in ("train", "valid")}
-    vocab = Vocabulary.build(texts["train"], "word")
-    ids = {s: torch.from_numpy(vocab.encode(t).astype("int64")) for s, t in texts.items()}
+    texts = {s: open(os.path.join(data, f"{s}.txt"), encoding="utf-8").read() for s in ("train", "valid", "test")}
+    if config == "word":
+        texts = {s: t if t.endswith("\n") else t + "\n" for s, t in texts.items()}
+    vocab = Vocabulary.build(texts["train"], config)
+    ids = {s: torch.from_numpy(vocab.encode(t, skip_unknown=True).astype("int64")) for s, t in texts.items()}
+    ntokens, bptt, eval_batch = len(vocab), c["bptt"], 10 if config == "word" else c["batch"]
 
     def batchify(data, bsz):
         nbatch = data.size(0) // bsz
         return data.narrow(0, 0, nbatch * bsz).view(bsz, -1).t().contiguous()
 
     class RNNModel(nn.Module):
-        def __init__(self, ntoken, ninp, nhid, nlayers, dropout):
+        def __init__(self):
             super().__init__()
-            self.drop = nn.Dropout(dropout)
-            self.encoder = nn.Embedding(ntoken, ninp)
-            self.rnn = nn.LSTM(ninp, nhid, nlayers, dropout=dropout)
-            self.decoder = nn.Linear(nhid, ntoken)
-            self.nhid, self.nlayers = nhid, nlayers
+            self.drop = nn.Dropout(c["dropout"])
+            self.encoder = nn.Embedding(ntokens, c["embedding"])
+            kinds = {"lstm": nn.LSTM, "gru": nn.GRU}
+            if cell in kinds:
+                self.rnn = kinds[cell](c["embedding"], c["hidden"], c["layers"], dropout=c["dropout"])
+            else:
+                nonlinearity = "tanh" if cell == "rnn_tanh" else "relu"
+                self.rnn = nn.RNN(
+                    c["embedding"], c["hidden"], c["layers"], nonlinearity=nonlinearity, dropout=c["dropout"]
+                )
+            self.decoder = nn.Linear(c["hidden"], ntokens)
             nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
             nn.init.zeros_(self.decoder.bias)
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
@@ -101,63 +130,153 @@ def pytorch_child(epochs):
 
         def init_hidden(self, bsz):
             weight = next(self.parameters())
-            return (weight.new_zeros(self.nlayers, bsz, self.nhid), weight.new_zeros(self.nlayers, bsz, self.nhid))
+            zeros = weight.new_zeros(c["layers"], bsz, c["hidden"])
+            return (zeros, zeros.clone()) if cell == "lstm" else zeros
 
-    bptt, lr, clip = 35, 20.0, 0.25
-    train_data, val_data = batchify(ids["train"], 20), batchify(ids["valid"], 10)
-    model = RNNModel(len(vocab), 200, 200, 2, 0.2)
+    model = RNNModel()
     criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3) if config == "char" else None
+    train_data = batchify(ids["train"], c["batch"])
+    val_data, test_data = batchify(ids["valid"], eval_batch), batchify(ids["test"], eval_batch)
 
     def get_batch(source, i):
         seq_len = min(bptt, len(source) - 1 - i)
         return source[i : i + seq_len], source[i + 1 : i + 1 + seq_len].reshape(-1)
 
     def repackage_hidden(h):
-        return tuple(v.detach() for v in h)
+        return h.detach() if isinstance(h, torch.Tensor) else tuple(v.detach() for v in h)
 
     def evaluate(data_source):
         model.eval()
-        total, hidden = 0.0, model.init_hidden(10)
+        total, hidden = 0.0, model.init_hidden(eval_batch)
         with torch.no_grad():
             for i in range(0, data_source.size(0) - 1, bptt):
                 data, targets = get_batch(data_source, i)
                 output, hidden = model(data, hidden)
                 hidden = repackage_hidden(hidden)
-                total += len(data) * criterion(output.view(-1, len(vocab)), targets).item()
+                total += len(data) * criterion(output.view(-1, ntokens), targets).item()
         return total / (len(data_source) - 1)
 
-    for _ in range(epochs):
+    for _ in range(c["epochs"]):
         model.train()
-        hidden, tokens, begin = model.init_hidden(20), 0, time.perf_counter()
+        hidden, tokens, begin = model.init_hidden(c["batch"]), 0, time.perf_counter()
         for i in range(0, train_data.size(0) - 1, bptt):
             data, targets = get_batch(train_data, i)
             hidden = repackage_hidden(hidden)
             model.zero_grad()
             output, hidden = model(data, hidden)
-            loss = criterion(output.view(-1, len(vocab)), targets)
+            loss = criterion(output.view(-1, ntokens), targets)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            for p in model.parameters():
-                p.data.add_(p.grad, alpha=-lr)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            if optimizer:
+                optimizer.step()
+            else:
+                for p in model.parameters():
+                    p.data.add_(p.grad, alpha=-word_lr(cell))
             tokens += targets.numel()
         speed = tokens / (time.perf_counter() - begin)
         val_loss = evaluate(val_data)
-    print(speed, math.exp(val_loss))
+    evaluate(test_data)  # main.py ends with the test evaluation; its figure is not compared here
+    print(speed, val_loss)
+
+
+def matmul_shapes(config, cell, vocabulary):
+    """(m, k, n, count) of every float32 matmul of one training window, forward and backward."""
+    c = CONFIGS[config]
+    B, T, H, g = c["batch"], c["bptt"], c["hidden"], GATES[cell]
+    shapes = []
+    for layer in range(c["layers"]):
+        inputs = c["embedding"] if layer == 0 else H
+        for k in (inputs, H):  # x_t @ kernel and h_{t-1} @ recurrent_kernel, each time step
+            shapes += [(B, k, g * H, T), (B, g * H, k, T), (k, B, g * H, T)]  # forward, d input, d weight
+    N, V = B * T, vocabulary
+    shapes += [(N, H, V, 1), (N, V, H, 1), (H, N, V, 1)]  # projection: forward, d hidden, d weight
+    return shapes
+
+
+def matmul_seconds(shapes, repeats=50):
+    """Median seconds of each distinct shape's tf.matmul on this machine: `repeats` products in one
+    traced while loop (as Keras runs its time steps), so that per-call dispatch is not counted."""
+    import numpy as np
+    import tensorflow as tf
+
+    @tf.function
+    def repeated(a, b):
+        def body(i, a, total):  # `a` is a loop variable, so the product cannot be hoisted out
+            return i + 1, a, total + tf.matmul(a, b)[0, 0]
+
+        return tf.while_loop(lambda i, a, total: i < repeats, body, (0, a, 0.0))[2]
+
+    seconds = {}
+    for m, k, n, _ in shapes:
+        if (m, k, n) in seconds:
+            continue
+        a, b = tf.random.normal([m, k]), tf.random.normal([k, n])
+        repeated(a, b)
+        runs = []
+        for _ in range(5):
+            start = time.perf_counter()
+            repeated(a, b).numpy()
+            runs.append((time.perf_counter() - start) / repeats)
+        seconds[(m, k, n)] = float(np.median(runs))
+    return seconds
+
+
+def compute_bound(config, cell, vocabulary):
+    """FLOPs per token and the matmul-only tokens/s bound of one training window."""
+    c = CONFIGS[config]
+    shapes = matmul_shapes(config, cell, vocabulary)
+    seconds = matmul_seconds(shapes)
+    flops = sum(2 * m * k * n * count for m, k, n, count in shapes)
+    window_seconds = sum(seconds[(m, k, n)] * count for m, k, n, count in shapes)
+    tokens = c["batch"] * c["bptt"]
+    return flops / tokens, tokens / window_seconds, flops / window_seconds
+
+
+def vocabulary_size(config, data):
+    sys.path.insert(0, ROOT)
+    from keraslm.vocab import Vocabulary
+
+    return len(Vocabulary.build(open(os.path.join(data, "train.txt"), encoding="utf-8").read(), config))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--pytorch-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--config", choices=("word", "char", "all"), default="all")
+    parser.add_argument("--cells", default="lstm", help=f"comma-separated, from {', '.join(CELLS)} (or all)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--pytorch-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pytorch_child:
-        return pytorch_child(args.pytorch_child)
-    print(f"PyTorch-reference word config on wikitext-2-mini, {args.epochs} epoch(s), each in its own process\n")
-    print("| trainer | training tokens/s | validation perplexity | whole process, s |")
-    print("| --- | --- | --- | --- |")
-    for name, run in (("keraslm train.py", run_keraslm), ("PyTorch word_language_model loop", run_pytorch)):
-        speed, perplexity, wall = run(args.epochs)
-        print(f"| {name} | {speed:,.0f} | {perplexity:.1f} | {wall:.0f} |", flush=True)
+        return pytorch_child(*args.pytorch_child)
+    cells = CELLS if args.cells == "all" else args.cells.split(",")
+    configs = ("word", "char") if args.config == "all" else (args.config,)
+    print(
+        "| config | cell | trainer | training tokens/s | validation loss (perplexity) | whole process, s "
+        "| GFLOP/s | utilisation |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for config in configs:
+        data = os.path.join(DATA, "wikitext-2-mini") if config == "word" else char_data()
+        vocabulary = vocabulary_size(config, data)
+        for cell in cells:
+            flops_per_token, bound, rate = compute_bound(config, cell, vocabulary)
+            results = {"keraslm train.py": [], "PyTorch loop": []}
+            for _ in range(args.repeats):
+                results["keraslm train.py"].append(run_keraslm(config, cell, data))
+                results["PyTorch loop"].append(run_pytorch(config, cell, data))
+            for trainer, runs in results.items():
+                speed, val_loss, wall = (statistics.median(column) for column in zip(*runs, strict=True))
+                print(
+                    f"| {config} | {cell} | {trainer} | {speed:,.0f} | {val_loss:.4f} ({math.exp(val_loss):.1f}) "
+                    f"| {wall:.0f} | {speed * flops_per_token / 1e9:.0f} | {speed / bound:.0%} |",
+                    flush=True,
+                )
+            print(
+                f"| {config} | {cell} | compute bound: {flops_per_token / 1e6:.1f} MFLOP/token, matmuls at "
+                f"{rate / 1e9:.0f} GFLOP/s | {bound:,.0f} | | | | 100% |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

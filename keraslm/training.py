@@ -26,6 +26,7 @@ from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
 from keraslm.errors import UsageError
 from keraslm.files import atomic_path, remove_stale_temporaries, write_text_atomic
+from keraslm.losses import SparseCrossEntropy
 from keraslm.model import build_model, reset_states
 from keraslm.vocab import Vocabulary
 
@@ -260,7 +261,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
         model = build_model(config.model, batch_size=replica_batch_size, stateful=True)
         model.compile(
             optimizer=make_optimizer(train_config),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            loss=SparseCrossEntropy(),  # Keras' sparse cross-entropy, 2-5× faster on a CPU (losses.py)
             jit_compile=train_config.jit_compile,
         )
         # Build the optimizer's slots now, so that even the epoch-0 checkpoint holds all of them.
