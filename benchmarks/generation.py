@@ -8,7 +8,9 @@ in one process, side by side:
 
 - tokens/s at batch 1 and 32 for the onnx, savedmodel and keras backends (sample.py's NumPy loop
   with temperature sampling), the SavedModel's in-graph `generate`, and the TF text-generation
-  tutorial's loop (one Keras model call and one tf.random.categorical per token);
+  tutorial's loop (one Keras model call and one tf.random.categorical per token), and PyTorch's
+  word_language_model generate.py loop on the same weights (one model call and one
+  torch.multinomial per token; only where torch is installed: `pip install torch==2.13.0`);
 - each as the marginal rate between a short and a long run, so start-up and priming cancel out;
 - sample.py's wall time from launch to its first token (`--num-tokens 1`), per backend.
 
@@ -91,6 +93,66 @@ def tutorial_loop(run_dir):
     return run
 
 
+def pytorch_loop(run_dir):
+    """pytorch/examples' generate.py: the model per token, then torch.multinomial on exp(logits / T).
+
+    The Keras weights go into nn.Embedding / nn.LSTM / nn.Linear (the gate order i, f, g, o is the
+    same; torch's second bias is zero), checked against the Keras model before timing.
+    Returns None when torch is not installed.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None
+    import torch.nn as nn
+
+    from keraslm.model import keras_step
+    from keraslm.runs import load_run
+
+    config, vocab, model = load_run(run_dir)
+    c = config.model
+    embedding = nn.Embedding(c.vocabulary_size, c.embedding_dim)
+    rnn = nn.LSTM(c.embedding_dim, c.hidden_dim, c.num_layers)
+    decoder = nn.Linear(c.hidden_dim, c.vocabulary_size)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.from_numpy(model.get_layer("embedding").get_weights()[0]))
+        for i in range(c.num_layers):
+            kernel, recurrent, bias = model.get_layer(f"rnn_{i}").get_weights()
+            getattr(rnn, f"weight_ih_l{i}").copy_(torch.from_numpy(kernel.T))
+            getattr(rnn, f"weight_hh_l{i}").copy_(torch.from_numpy(recurrent.T))
+            getattr(rnn, f"bias_ih_l{i}").copy_(torch.from_numpy(bias))
+            getattr(rnn, f"bias_hh_l{i}").zero_()
+        kernel, bias = model.get_layer("logits").get_weights()
+        decoder.weight.copy_(torch.from_numpy(kernel.T))
+        decoder.bias.copy_(torch.from_numpy(bias))
+
+    def forward(ids, hidden):
+        output, hidden = rnn(embedding(ids), hidden)
+        return decoder(output), hidden
+
+    prompt = vocab.encode("ROMEO:")
+    step, state = keras_step(model, c, batch_size=1)
+    expected, _ = step(prompt[None], state)
+    with torch.no_grad():
+        zeros = torch.zeros(c.num_layers, 1, c.hidden_dim)
+        got, _ = forward(torch.from_numpy(prompt.astype("int64"))[:, None], (zeros, zeros.clone()))
+    difference = float(np.abs(got[:, 0].numpy() - np.asarray(expected)[0]).max())
+    assert difference < 1e-4, f"PyTorch copy differs from the Keras model by {difference}"
+
+    def run(batch, count):
+        with torch.no_grad():
+            zeros = torch.zeros(c.num_layers, batch, c.hidden_dim)
+            hidden = (zeros, zeros.clone())
+            ids = torch.from_numpy(np.repeat(prompt[:, None], batch, 1).astype("int64"))
+            output, hidden = forward(ids, hidden)
+            for _ in range(count):
+                weights = output[-1].div(0.8).exp()
+                ids = torch.multinomial(weights, 1).T  # [1, batch]
+                output, hidden = forward(ids, hidden)
+
+    return run
+
+
 def marginal_rate(run, batch, short, long, repeats):
     """Median tokens/s of the extra (long - short) tokens over `repeats` paired runs."""
     run(batch, short)  # warm-up: graph tracing, allocations
@@ -136,7 +198,9 @@ def main():
         "savedmodel --in-graph (generate signature)": in_graph(savedmodel),
         "keras (sample.py loop)": python_loop(open_backend(run_dir, "keras")),
         "TF tutorial loop (Keras call + tf.random.categorical per token)": tutorial_loop(run_dir),
+        "PyTorch generate.py loop (model call + torch.multinomial per token)": pytorch_loop(run_dir),
     }
+    contenders = {name: run for name, run in contenders.items() if run is not None}
     print(
         f"2-layer {args.hidden_dim}-unit char LSTM, temperature 0.8, medians of {args.repeats}; "
         f"marginal rate between {args.short} and {args.long} tokens\n"

@@ -45,6 +45,7 @@ class ExportModule(tf.Module):
     def __init__(self, config, vocab, twin):
         super().__init__()
         model_config = config.model
+        self.model_config = model_config
         self.twin = twin
         # The same layers (one copy of the weights) with a mask input, for prompts of different lengths.
         self.masked_twin = build_model(model_config, use_cudnn=False, with_mask=True, layers_of=twin)
@@ -105,18 +106,46 @@ class ExportModule(tf.Module):
 
     def _sample(self, logits, temperature, top_k, top_p, seed, t):
         """One token per row from logits [B, V]: greedy at temperature 0, else filtered sampling."""
-        greedy = tf.argmax(logits, axis=-1, output_type=tf.int32)
         scaled = logits / tf.maximum(temperature, 1e-6)
-        k = tf.clip_by_value(top_k, 1, self.vocabulary_size)
-        kth = tf.math.top_k(scaled, k).values[:, -1:]
-        scaled = tf.where((top_k > 0) & (scaled < kth), -np.inf, scaled)
-        # Nucleus: keep the most likely tokens while the mass before each is below top_p.
-        ordered = tf.sort(scaled, direction="DESCENDING")
-        before = tf.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)
-        threshold = tf.reduce_min(tf.where(before < top_p, ordered, np.inf), axis=-1, keepdims=True)
-        scaled = tf.where((top_p < 1.0) & (scaled < threshold), -np.inf, scaled)
-        sampled = tf.random.stateless_categorical(scaled, 1, tf.stack([seed, tf.cast(t, tf.int64)]), tf.int32)[:, 0]
-        return tf.where(temperature > 0, sampled, greedy)
+
+        def keep_top_k(scaled):
+            kth = tf.math.top_k(scaled, tf.clip_by_value(top_k, 1, self.vocabulary_size)).values[:, -1:]
+            return tf.where(scaled < kth, -np.inf, scaled)
+
+        def keep_nucleus(scaled):
+            # Keep the most likely tokens while the mass before each is below top_p.
+            ordered = tf.sort(scaled, direction="DESCENDING")
+            before = tf.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)
+            threshold = tf.reduce_min(tf.where(before < top_p, ordered, np.inf), axis=-1, keepdims=True)
+            return tf.where(scaled < threshold, -np.inf, scaled)
+
+        def draw():
+            # Each filter runs only when asked for: a sort per token costs as much as a layer.
+            filtered = tf.cond(top_k > 0, lambda: keep_top_k(scaled), lambda: scaled)
+            filtered = tf.cond(top_p < 1.0, lambda: keep_nucleus(filtered), lambda: filtered)
+            key = tf.stack([seed, tf.cast(t, tf.int64)])
+            return tf.random.stateless_categorical(filtered, 1, key, tf.int32)[:, 0]
+
+        return tf.cond(temperature > 0, draw, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+
+    def _one_token(self, ids, states):
+        """Logits [B, V] and the next states for one token per row, through the twin's layers
+        with its recurrent cells called directly: a layer's own time loop, for a single step,
+        costs more than the step itself. Dropout is off at inference, so it is left out."""
+        c = self.model_config
+        x = self.twin.get_layer("one_hot" if c.one_hot else "embedding")(ids)
+        kinds = ("h", "c") if c.cell == "lstm" else ("h",)
+        new_states = {}
+        for i in range(c.num_layers):
+            cell = self.twin.get_layer(f"rnn_{i}").cell
+            x, cell_states = cell(x, [states[f"{k}{i}_in"] for k in kinds], training=False)
+            for k, value in zip(kinds, tf.nest.flatten(cell_states), strict=True):
+                new_states[f"{k}{i}_in"] = tf.cast(value, tf.float32)
+        if c.tie_weights:
+            logits = self.twin.get_layer("embedding")(x, reverse=True)
+        else:
+            logits = self.twin.get_layer("logits")(x)
+        return tf.cast(logits, tf.float32), new_states
 
     def _decode(self, ids):
         pieces = tf.gather(self.tokens, ids)
@@ -136,9 +165,7 @@ class ExportModule(tf.Module):
 
         def body(t, logits, states, generated):
             next_ids = self._sample(logits, temperature, top_k, top_p, seed, t)
-            outputs = self.twin({"tokens": next_ids[:, None], **states}, training=False)
-            logits = outputs.pop("logits")[:, -1]
-            states = {name.replace("_out", "_in"): value for name, value in outputs.items()}
+            logits, states = self._one_token(next_ids, states)
             return t + 1, logits, states, generated.write(t, next_ids)
 
         count = tf.maximum(max_new_tokens, 0)

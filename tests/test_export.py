@@ -57,6 +57,22 @@ def test_export_reloads_with_parity(tmp_path, cell, num_layers, level):
     reference_session = onnxruntime.InferenceSession(reference.SerializeToString())
     np.testing.assert_allclose(reference_session.run(["logits"], feed)[0], logits, atol=1e-5)
 
+    # The generate signature steps one token through the cells directly; greedy, it must follow
+    # the model's own argmax continuation.
+    separator = "" if level == "char" else " "
+    prompt = separator.join(vocab.tokens[5:9])
+    produced = module.generate(
+        tf.constant([prompt]),
+        tf.constant(8),
+        tf.constant(0.0),
+        tf.constant(0),
+        tf.constant(1.0),
+        tf.constant(0, tf.int64),
+    )
+    step, state = keras_step(twin, config.model, batch_size=1)
+    expected = generate(step, vocab.encode(prompt)[None, :], state, 8, GreedySampler(), None)
+    np.testing.assert_array_equal(produced["tokens"].numpy(), expected)
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
@@ -114,6 +130,15 @@ def test_generate_only_emits_vocabulary_tokens(exported):
     assert all(set(t) <= set(vocab.tokens) for t in texts)
     texts, _ = call_generate(signature, ["x"], temperature=1.0, top_p=0.5, max_new_tokens=5)
     assert len(texts[0]) == 5
+
+
+def test_generate_top_k_1_and_a_tiny_nucleus_are_greedy(exported):
+    signature, *_ = exported
+    _, greedy = call_generate(signature, ["ROMEO:"], temperature=0.0, max_new_tokens=20)
+    _, top_1 = call_generate(signature, ["ROMEO:"], temperature=1.0, top_k=1, max_new_tokens=20)
+    _, nucleus = call_generate(signature, ["ROMEO:"], temperature=1.0, top_p=1e-6, max_new_tokens=20)
+    np.testing.assert_array_equal(top_1, greedy)
+    np.testing.assert_array_equal(nucleus, greedy)
 
 
 def test_existing_version_is_never_overwritten(tmp_path):
