@@ -1,4 +1,4 @@
-"""fit and evaluate for MultiWorkerMirroredStrategy: Keras' own steps, run by tf.distribute.
+"""fit and evaluate for every strategy: Keras' own, except under MultiWorkerMirroredStrategy.
 
 Keras 3.15's `Model.fit` and `Model.evaluate` fail under MultiWorkerMirroredStrategy before their
 first step: `_maybe_symbolic_build` averages the integer token batch across workers, and
@@ -13,6 +13,8 @@ each global window of B rows, replica r of R gets rows r·B/R … (r+1)·B/R - 1
 
 import keras
 import tensorflow as tf
+
+from keraslm.distribute import is_multi_worker
 
 
 def distribute(dataset, strategy):
@@ -39,11 +41,11 @@ def _floats(logs):
     return {name: float(value) for name, value in logs.items()}
 
 
-def _run_test(model, dataset, callbacks, test_function):
+def _run_test(model, batches, callbacks, test_function):
     model.reset_metrics()
     callbacks.on_test_begin()
     logs = {}
-    for step, batch in enumerate(distribute(dataset, model.distribute_strategy)):
+    for step, batch in enumerate(batches):
         callbacks.on_test_batch_begin(step)
         logs = _floats(test_function(batch))
         callbacks.on_test_batch_end(step, logs)
@@ -58,7 +60,8 @@ def _callback_list(model, callbacks, verbose, epochs=1):
 
 
 def fit(model, train_data, validation_data, epochs, initial_epoch, callbacks, verbose):
-    """`model.fit(train_data, validation_data=..., epochs=..., initial_epoch=..., callbacks=...)`.
+    """`model.fit(train_data, validation_data=..., epochs=..., initial_epoch=..., callbacks=...)`,
+    run by this module's loop under MultiWorkerMirroredStrategy.
 
     Args:
         model: a compiled model built under the strategy's scope.
@@ -68,8 +71,20 @@ def fit(model, train_data, validation_data, epochs, initial_epoch, callbacks, ve
         verbose: 0 silent, 1 or 2 as for the callbacks' progress bar.
     """
     strategy = model.distribute_strategy
+    if not is_multi_worker(strategy):
+        model.fit(
+            train_data,
+            validation_data=validation_data,
+            epochs=epochs,
+            initial_epoch=initial_epoch,
+            shuffle=False,  # windows must stay in stream order: state carries between them
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+        return
     train_function = _step_function(model.train_step, strategy)
     test_function = _step_function(model.test_step, strategy)
+    train_batches, validation_batches = distribute(train_data, strategy), distribute(validation_data, strategy)
     callbacks = _callback_list(model, callbacks, verbose, epochs)
     model.stop_training = False
     callbacks.on_train_begin()
@@ -77,14 +92,14 @@ def fit(model, train_data, validation_data, epochs, initial_epoch, callbacks, ve
     for epoch in range(initial_epoch, epochs):
         model.reset_metrics()
         callbacks.on_epoch_begin(epoch)
-        for step, batch in enumerate(distribute(train_data, strategy)):
+        for step, batch in enumerate(train_batches):
             callbacks.on_train_batch_begin(step)
             logs = _floats(train_function(batch))
             callbacks.on_train_batch_end(step, logs)
             if model.stop_training:
                 break
         if not model.stop_training:
-            val_logs = _run_test(model, validation_data, callbacks, test_function)
+            val_logs = _run_test(model, validation_batches, callbacks, test_function)
             logs.update({f"val_{name}": value for name, value in val_logs.items()})
         callbacks.on_epoch_end(epoch, logs)
         if model.stop_training:
@@ -93,6 +108,10 @@ def fit(model, train_data, validation_data, epochs, initial_epoch, callbacks, ve
 
 
 def evaluate(model, dataset, verbose):
-    """`model.evaluate(dataset, return_dict=True)`."""
-    test_function = _step_function(model.test_step, model.distribute_strategy)
-    return _run_test(model, dataset, _callback_list(model, [], verbose), test_function)
+    """`model.evaluate(dataset, return_dict=True)`, run by this module's loop under
+    MultiWorkerMirroredStrategy."""
+    strategy = model.distribute_strategy
+    if not is_multi_worker(strategy):
+        return model.evaluate(dataset, verbose=verbose, return_dict=True)
+    test_function = _step_function(model.test_step, strategy)
+    return _run_test(model, distribute(dataset, strategy), _callback_list(model, [], verbose), test_function)

@@ -291,20 +291,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
     ]
     if run.epoch < train_config.epochs:
         try:
-            if distribute.is_multi_worker(strategy):
-                loop.fit(
-                    model, datasets["train"], datasets["valid"], train_config.epochs, run.epoch, callbacks, verbose
-                )
-            else:
-                model.fit(
-                    datasets["train"],
-                    validation_data=datasets["valid"],
-                    epochs=train_config.epochs,
-                    initial_epoch=run.epoch,
-                    shuffle=False,
-                    callbacks=callbacks,
-                    verbose=verbose,
-                )
+            loop.fit(model, datasets["train"], datasets["valid"], train_config.epochs, run.epoch, callbacks, verbose)
         except KeyboardInterrupt:
             raise Interrupted(
                 f"interrupted; {os.path.join(shown_run_dir, CHECKPOINT)} holds epoch {run.checkpoint_epoch}: "
@@ -320,10 +307,7 @@ def evaluate_best(run, model, test_dataset, verbose):
     best = keras.models.load_model(run.path("model.keras"))  # safe mode: no code from the file
     model.set_weights(best.get_weights())
     reset_states(model)
-    if distribute.is_multi_worker(model.distribute_strategy):
-        test_loss = loop.evaluate(model, test_dataset, verbose)["loss"]
-    else:
-        test_loss = float(model.evaluate(test_dataset, verbose=verbose, return_dict=True)["loss"])
+    test_loss = float(loop.evaluate(model, test_dataset, verbose)["loss"])
     reset_states(model)
     results = {
         "best_epoch": run.best_epoch,
