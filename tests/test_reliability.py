@@ -304,7 +304,11 @@ def test_char_vocabulary_round_trip(text):
     assert Vocabulary.from_dict(json.loads(json.dumps(vocab.to_dict()))).tokens == vocab.tokens
 
 
-words = st.text(alphabet=st.characters(exclude_categories=("Cs", "Zs", "Cc", "Zl", "Zp")), min_size=1, max_size=8)
+# The reserved tokens are left out: a literal "<eos>" is the line-end token, as in pytorch/examples
+# (test_literal_reserved_words_are_the_reserved_tokens).
+words = st.text(
+    alphabet=st.characters(exclude_categories=("Cs", "Zs", "Cc", "Zl", "Zp")), min_size=1, max_size=8
+).filter(lambda word: word not in ("<eos>", "<unk>"))
 
 
 @settings(max_examples=200, deadline=None)
@@ -313,3 +317,10 @@ def test_word_vocabulary_round_trip(lines):
     text = "\n".join(" ".join(line) for line in lines) + "\n"
     vocab = Vocabulary.build(text, "word")
     assert vocab.decode(vocab.encode(text)) == text
+
+
+def test_literal_reserved_words_are_the_reserved_tokens():
+    vocab = Vocabulary.build("a <eos> b <unk>\n", "word")
+    ids = vocab.encode("a <eos> b <unk>\n")
+    assert [vocab.tokens[i] for i in ids] == ["a", "<eos>", "b", "<unk>", "<eos>"]
+    assert vocab.decode(ids) == "a\nb <unk>\n"
