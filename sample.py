@@ -30,6 +30,12 @@ def parse_args(argv):
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sample)")
     p.add_argument("--out", help="also write the samples to this file")
     p.add_argument(
+        "--int8",
+        action="store_true",
+        help="onnx backend: the int8-weight model (about 3x faster on CPUs with int8 instructions; export checks"
+        " that its next-token distributions stay within a mean KL of 0.01 nats of the float model's)",
+    )
+    p.add_argument(
         "--in-graph", action="store_true", help="savedmodel backend: sample inside the graph (generate signature)"
     )
     serving = p.add_argument_group("tf-serving backend")
@@ -90,7 +96,9 @@ def sample_texts(backend, args, sampler):
 def main(argv=None):
     args = parse_args(argv)
     sampler = check_args(args)
-    backend = open_backend(args.model, args.backend, args.server, args.model_name, args.model_version, args.timeout)
+    backend = open_backend(
+        args.model, args.backend, args.server, args.model_name, args.model_version, args.timeout, args.int8
+    )
     prompt, texts = sample_texts(backend, args, sampler)
     samples = [backend.vocab.join(prompt, text) for text in texts]
     if not args.stream:

@@ -2,6 +2,7 @@
 
     VERSION/saved_model.pb, variables/     signatures `serving_default` (one step) and `generate`
     VERSION/assets.extra/model.onnx        the step function for ONNX Runtime (fused RNN ops)
+    VERSION/assets.extra/model.int8.onnx   the same with int8 weights (sample.py --int8)
     VERSION/assets.extra/keraslm.json      config, vocabulary, state tensor names and shapes
 
 Everything is built from the stateless twin with `use_cudnn=False`, so a model trained on a GPU
@@ -27,6 +28,9 @@ from keraslm.onnx_step import build_step_graph
 from keraslm.runs import load_run
 
 PARITY_TOLERANCE = 1e-4
+# int8 weights change the model itself, so model.int8.onnx is checked against model.onnx by how far
+# its next-token distributions move (mean KL divergence, nats), not by parity.
+INT8_KL_TOLERANCE = 0.01
 FORMAT_VERSION = 1
 
 
@@ -184,6 +188,7 @@ def artifact_description(config, vocab):
         "config": config.to_dict(),
         "vocabulary": vocab.to_dict(),
         "onnx": {"path": "model.onnx", "opset": ONNX_OPSET},
+        "onnx_int8": {"path": INT8_ONNX, "weights": "int8, ONNX Runtime dynamic quantization"},
         "inputs": {"tokens": {"dtype": "int32", "shape": [None, None]}}
         | {f"{n}_in": {"dtype": "float32", "shape": [None, hidden]} for n in state_names(config.model)},
         "outputs": {"logits": {"dtype": "float32", "shape": [None, None, len(vocab)]}}
@@ -202,6 +207,54 @@ def write_onnx(twin, model_config, path):
     model_proto = build_step_graph(twin, model_config)
     onnx.save(model_proto, path)
     return model_proto
+
+
+INT8_ONNX = "model.int8.onnx"
+
+
+def write_onnx_int8(float_path, path):
+    """Write model.onnx with its LSTM and projection weights quantized to int8.
+
+    At batch 1 a step reads every weight once per token, so its speed is set by how many bytes
+    the weights take: the 2×512 char LSTM's 13.6 MB of float32 do not fit in the cores' caches,
+    3.4 MB of int8 nearly do, and ONNX Runtime's int8 kernels (VNNI / AMX) run the step about 4×
+    faster (benchmarks/RESULTS.md). Activations are quantized per call (dynamic quantization),
+    so no calibration data is needed. GRU and RNN have no int8 kernel in ONNX Runtime; for them
+    only the projection is quantized.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Per-tensor signed weights without reduce_range: of the four combinations, the closest to
+    # float on a 2×512 LSTM (max |Δ logit| 4.9e-3, against 5.4e-3 to 7.8e-3).
+    quantize_dynamic(float_path, path, weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
+
+
+def check_int8(version_dir, model_config, batch_size=4, length=32, seed=0):
+    """How far model.int8.onnx moves from model.onnx on random tokens: mean KL divergence of the
+    next-token distributions (nats) and max |Δ| of the logits. Raises UsageError over
+    INT8_KL_TOLERANCE."""
+    import onnxruntime
+
+    rng = np.random.default_rng(seed)
+    feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
+    feed |= {f"{n}_in": np.zeros((batch_size, model_config.hidden_dim), np.float32) for n in state_names(model_config)}
+    extra = os.path.join(version_dir, "assets.extra")
+    logits = [
+        onnxruntime.InferenceSession(os.path.join(extra, name), providers=["CPUExecutionProvider"])
+        .run(["logits"], feed)[0]
+        .astype(np.float64)
+        for name in ("model.onnx", INT8_ONNX)
+    ]
+    log_p, log_q = (x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in logits)
+    figures = {
+        "int8_kl_vs_float": float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))),
+        "int8_max_logit_diff": float(np.max(np.abs(logits[0] - logits[1]))),
+    }
+    if not figures["int8_kl_vs_float"] <= INT8_KL_TOLERANCE:  # also catches NaN
+        raise UsageError(
+            f"int8 check failed: mean KL to the float model {figures['int8_kl_vs_float']:.2e} > {INT8_KL_TOLERANCE}"
+        )
+    return figures
 
 
 def check_parity(version_dir, twin, model_config, batch_size=2, length=7, seed=0):
@@ -285,9 +338,11 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
         onnx_proto = write_onnx(twin, config.model, os.path.join(extra, "model.onnx"))
+        write_onnx_int8(os.path.join(extra, "model.onnx"), os.path.join(extra, INT8_ONNX))
         with open(os.path.join(extra, "keraslm.json"), "w", encoding="utf-8") as f:
             json.dump(artifact_description(config, vocab), f, ensure_ascii=False, indent=1)
         parity = check_parity(tmp, twin, config.model)
+        int8 = check_int8(tmp, config.model)
         version_dir = _publish(tmp, base_dir, version, overwrite)
     finally:
         if os.path.exists(tmp):
@@ -295,10 +350,12 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
     report = {
         "seconds": time.perf_counter() - started,
         "parity": parity,
+        "int8": int8,
         "onnx_ops": sorted({node.op_type for node in onnx_proto.graph.node}),
         "sizes": {
             "saved_model": _size(version_dir, exclude="assets.extra"),
             "model.onnx": os.path.getsize(os.path.join(version_dir, "assets.extra", "model.onnx")),
+            INT8_ONNX: os.path.getsize(os.path.join(version_dir, "assets.extra", INT8_ONNX)),
         },
     }
     return version_dir, report

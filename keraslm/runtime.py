@@ -1,6 +1,7 @@
 """Inference backends behind one interface: `step(tokens, state) -> (logits, state)`.
 
-    onnx        ONNX Runtime on assets.extra/model.onnx (no TensorFlow import: fast start)
+    onnx        ONNX Runtime on assets.extra/model.onnx (no TensorFlow import: fast start),
+                or on model.int8.onnx, its int8-weight twin (int8=True)
     savedmodel  the SavedModel's serving_default signature (generate signature: in_graph_generate)
     keras       a run directory's model.keras
     tf-serving  a running TF Serving, REST (http://host:8501) or gRPC (grpc://host:8500)
@@ -88,14 +89,19 @@ class Backend:
 
 
 class OnnxBackend(Backend):
-    """ONNX Runtime on an export's assets.extra/model.onnx."""
+    """ONNX Runtime on an export's assets.extra/model.onnx, or model.int8.onnx with `int8`."""
 
-    def __init__(self, version_dir):
+    def __init__(self, version_dir, int8=False):
         import onnxruntime
 
-        _, vocab, states = load_description(version_dir)
+        description, vocab, states = load_description(version_dir)
         super().__init__(vocab, states)
-        path = os.path.join(version_dir, "assets.extra", "model.onnx")
+        name = "model.onnx"
+        if int8:
+            if "onnx_int8" not in description:
+                raise UsageError(f"{version_dir} has no int8 model (exported before keraslm wrote one); export again")
+            name = description["onnx_int8"]["path"]
+        path = os.path.join(version_dir, "assets.extra", name)
         try:
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
@@ -218,13 +224,15 @@ class TFServingBackend(Backend):
             raise UsageError(f"cannot reach TF Serving at {self.server} ({reason}); is it running?") from None
 
 
-def open_backend(model, backend=None, server=None, model_name=None, version=None, timeout=10.0):
+def open_backend(model, backend=None, server=None, model_name=None, version=None, timeout=10.0, int8=False):
     """The backend for MODEL (a version, model base or run directory); None picks onnx for an
-    export and keras for a run directory."""
+    export and keras for a run directory. `int8` runs the onnx backend's int8-weight model."""
     if backend is not None and backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind, path = resolve_model(model)
     backend = backend or ("onnx" if kind == "export" else "keras")
+    if int8 and backend != "onnx":
+        raise UsageError(f"--int8 is an onnx backend model; the {backend} backend runs float32")
     if backend == "keras":
         if kind != "run":
             raise UsageError(f"the keras backend needs a run directory (with model.keras); {model} is an export")
@@ -232,7 +240,7 @@ def open_backend(model, backend=None, server=None, model_name=None, version=None
     if kind != "export":
         raise UsageError(f"the {backend} backend needs an export (python export.py {model}); or use --backend keras")
     if backend == "onnx":
-        return OnnxBackend(path)
+        return OnnxBackend(path, int8)
     if backend == "savedmodel":
         return SavedModelBackend(path)
     if not server:

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import tensorflow as tf
@@ -51,6 +52,15 @@ def test_export_reloads_with_parity(tmp_path, cell, num_layers, level):
     # conversion of the same step function by tf2onnx (which leaves GRU and RNN as a Loop).
     fused = {"lstm": "LSTM", "gru": "GRU"}.get(cell, "RNN")
     assert fused in report["onnx_ops"] and "Loop" not in report["onnx_ops"]
+
+    # The int8 twin: LSTM weights run in ONNX Runtime's int8 LSTM kernel, the projection as an
+    # integer MatMul; its next-token distributions stay close to the float model's.
+    int8_path = os.path.join(version_dir, "assets.extra", description["onnx_int8"]["path"])
+    int8_ops = {node.op_type for node in onnx.load(int8_path).graph.node}
+    assert "MatMulInteger" in int8_ops and (cell != "lstm" or "DynamicQuantizeLSTM" in int8_ops)
+    assert report["int8"]["int8_kl_vs_float"] <= 1e-2
+    int8_logits = onnxruntime.InferenceSession(int8_path).run(["logits"], feed)[0]
+    assert int8_logits.shape == logits.shape and 0 < np.max(np.abs(int8_logits - logits)) < 0.1
     config, vocab, twin = load_run(str(run_dir), use_cudnn=False)
     module = ExportModule(config, vocab, twin)
     reference, _ = tf2onnx.convert.from_function(module.step, input_signature=module.step.input_signature, opset=17)

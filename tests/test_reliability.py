@@ -143,6 +143,10 @@ def test_damaged_artifacts(tmp_path, exported):
     meta["config"]["model"]["vocabulary_size"] -= 1  # consistent json, but not the model's size
     meta_path.write_text(json.dumps(meta))
     assert_one_line_error(run_script("sample.py", vocab_case), "outputs")
+    meta = json.loads(open(os.path.join(version_dir, "assets.extra", "keraslm.json")).read())
+    meta.pop("onnx_int8")  # an export from before model.int8.onnx
+    meta_path.write_text(json.dumps(meta))
+    assert_one_line_error(run_script("sample.py", vocab_case, "--int8"), "no int8 model")
     meta_path.write_text("{not json")
     assert_one_line_error(run_script("sample.py", vocab_case), "damaged")
 

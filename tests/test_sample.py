@@ -70,6 +70,10 @@ def test_sample_script_on_each_backend(model, tmp_path):
     greedy = run_script("sample.py", version_dir, "--greedy", "--prompt", "First:")
     assert in_graph.returncode == 0 and in_graph.stdout == greedy.stdout
 
+    int8 = run_script("sample.py", version_dir, "--int8", "--prompt", "First:", "--num-tokens", "30")
+    assert int8.returncode == 0, int8.stderr
+    assert int8.stdout.startswith("First:") and len(int8.stdout) == len(outputs["onnx"])
+
 
 def test_onnx_path_never_imports_tensorflow(model, tmp_path):
     _, version_dir = model
@@ -122,6 +126,7 @@ def test_word_level_writes_eos_as_newlines(tmp_path):
         (["--num-tokens", "0"], "--num-tokens"),
         (["--prompt", "\u00e9\u00e9"], "not in the vocabulary"),
         (["--backend", "tf-serving"], "--server"),
+        (["--int8", "--backend", "savedmodel"], "--int8"),
     ],
 )
 def test_bad_parameters_are_one_line_and_exit_code_2(model, args, message):
