@@ -1,6 +1,6 @@
 """Generation speed of every backend, and sample.py's start-up time to the first token.
 
-    python benchmarks/generation.py [--hidden-dim 512] [--repeats 5]
+    python benchmarks/generation.py [--hidden-dim 512] [--repeats 5] [--quality-run RUN_DIR]
 
 Builds (once, under benchmarks/.models/) a 2-layer char LSTM on Tiny Shakespeare with a two-window
 dry run (the speed of a step does not depend on how well it is trained), exports it, then measures
@@ -12,9 +12,13 @@ in one process, side by side:
   word_language_model generate.py loop on the same weights (one model call and one
   torch.multinomial per token; only where torch is installed: `pip install torch==2.13.0`);
 - each as the marginal rate between a short and a long run, so start-up and priming cancel out;
-- sample.py's wall time from launch to its first token (`--num-tokens 1`), per backend.
+- sample.py itself at batch 1 on the onnx backend, float and --int8: the marginal rate between
+  a short and a long run of the whole process;
+- sample.py's wall time from launch to its first token (`--num-tokens 1`), per backend;
+- with --quality-run, what int8 weights cost: validation loss (nats/char) of a trained char run's
+  float and int8 ONNX models on the Tiny Shakespeare validation split, state carried throughout.
 
-Prints a Markdown table; medians of --repeats runs.
+Prints Markdown tables; medians of --repeats runs.
 """
 
 import argparse
@@ -153,6 +157,52 @@ def pytorch_loop(run_dir):
     return run
 
 
+def sample_py_rate(version_dir, extra, short, long, repeats):
+    """Median tokens/s of sample.py processes: the extra (long - short) tokens, whole process timed."""
+
+    def run(count):
+        t0 = time.perf_counter()
+        command = [sys.executable, "sample.py", version_dir, "--num-tokens", str(count), "--prompt", "ROMEO:"]
+        subprocess.run(command + extra, cwd=ROOT, check=True, capture_output=True)
+        return time.perf_counter() - t0
+
+    run(short)
+    return statistics.median((long - short) / max(run(long) - run(short), 1e-9) for _ in range(repeats))
+
+
+def validation_loss(backend, text, window=250):
+    """Mean cross-entropy (nats/token) of a text under a backend, one stream with the state carried."""
+    ids = backend.vocab.encode(text)
+    state, total = backend.initial_state(1), 0.0
+    for start in range(0, len(ids) - 1, window):
+        inputs, targets = ids[start : start + window], ids[start + 1 : start + window + 1]
+        logits, state = backend.step(inputs[None, : len(targets)], state)
+        logits = logits[0].astype(np.float64)
+        log_z = np.logaddexp.reduce(logits, axis=-1)
+        total += float(np.sum(log_z - logits[np.arange(len(targets)), targets]))
+    return total / (len(ids) - 1)
+
+
+def int8_quality(run_dir):
+    """Validation loss of a trained char run's float and int8 ONNX models (Tiny Shakespeare)."""
+    from keraslm.data import split_text
+
+    exports = os.path.join(ROOT, "benchmarks", ".models", "exports")
+    name = "quality-" + os.path.basename(os.path.normpath(run_dir))
+    version_dir = os.path.join(exports, name, "1")
+    if not os.path.exists(version_dir):
+        export = ["export.py", run_dir, "--out", exports, "--name", name, "--version", "1"]
+        subprocess.run([sys.executable, *export], cwd=ROOT, check=True, capture_output=True)
+    with open(DATA, encoding="utf-8") as f:
+        valid = split_text(f.read())["valid"]
+    print(f"\nint8 weights on a trained model: {run_dir}, Tiny Shakespeare validation split ({len(valid):,} chars)\n")
+    print("| model | validation loss, nats/char |")
+    print("| --- | --- |")
+    for label, int8 in (("model.onnx (float32)", False), ("model.int8.onnx", True)):
+        loss = validation_loss(open_backend(version_dir, "onnx", int8=int8), valid)
+        print(f"| {label} | {loss:.4f} |", flush=True)
+
+
 def marginal_rate(run, batch, short, long, repeats):
     """Median tokens/s of the extra (long - short) tokens over `repeats` paired runs."""
     run(batch, short)  # warm-up: graph tracing, allocations
@@ -167,13 +217,13 @@ def marginal_rate(run, batch, short, long, repeats):
     return statistics.median(rates)
 
 
-def startup_seconds(model, backend, repeats):
+def startup_seconds(model, backend, repeats, extra=()):
     """Median wall time of `sample.py MODEL --backend B --num-tokens 1`: launch to first token out."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         subprocess.run(
-            [sys.executable, "sample.py", model, "--backend", backend, "--num-tokens", "1"],
+            [sys.executable, "sample.py", model, "--backend", backend, "--num-tokens", "1", *extra],
             cwd=ROOT,
             check=True,
             capture_output=True,
@@ -188,12 +238,14 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--short", type=int, default=50)
     parser.add_argument("--long", type=int, default=300)
+    parser.add_argument("--quality-run", help="a trained char run: compare its float and int8 validation loss")
     args = parser.parse_args()
 
     run_dir, version_dir = build_model(args.hidden_dim)
     savedmodel = open_backend(version_dir, "savedmodel")
     contenders = {
         "onnx (sample.py loop)": python_loop(open_backend(version_dir, "onnx")),
+        "onnx --int8 (sample.py loop)": python_loop(open_backend(version_dir, "onnx", int8=True)),
         "savedmodel (sample.py loop)": python_loop(savedmodel),
         "savedmodel --in-graph (generate signature)": in_graph(savedmodel),
         "keras (sample.py loop)": python_loop(open_backend(run_dir, "keras")),
@@ -211,10 +263,23 @@ def main():
         rates = [marginal_rate(run, b, args.short, args.long, args.repeats) for b in (1, 32)]
         print(f"| {name} | {rates[0]:,.0f} | {rates[1]:,.0f} |", flush=True)
 
+    short, long = 100, 3000
+    print(f"\n| sample.py process, batch 1 | tokens/s, marginal between {short} and {long} tokens |")
+    print("| --- | --- |")
+    for label, extra in (("--backend onnx", []), ("--backend onnx --int8", ["--int8"])):
+        rate = sample_py_rate(version_dir, extra, short, long, args.repeats)
+        print(f"| {label} | {rate:,.0f} |", flush=True)
+
     print("\n| sample.py backend | launch to first token, s |")
     print("| --- | --- |")
-    for backend, model in (("onnx", version_dir), ("savedmodel", version_dir), ("keras", run_dir)):
-        print(f"| {backend} | {startup_seconds(model, backend, args.repeats):.2f} |", flush=True)
+    launches = (("onnx", version_dir, []), ("onnx", version_dir, ["--int8"]))
+    launches += (("savedmodel", version_dir, []), ("keras", run_dir, []))
+    for backend, model, extra in launches:
+        seconds = startup_seconds(model, backend, args.repeats, extra)
+        print(f"| {' '.join([backend, *extra])} | {seconds:.2f} |", flush=True)
+
+    if args.quality_run:
+        int8_quality(args.quality_run)
 
 
 if __name__ == "__main__":

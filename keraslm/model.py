@@ -114,7 +114,39 @@ class PerReplicaState:
 
 @keras.saving.register_keras_serializable(package="keraslm")
 class StatefulLSTM(PerReplicaState, keras.layers.LSTM):
-    """keras.layers.LSTM carrying per-replica state (see PerReplicaState)."""
+    """keras.layers.LSTM carrying per-replica state (see PerReplicaState).
+
+    Without a GPU it runs the window through `recurrence.lstm_sequence`, the same cell with a
+    hand-written backward pass that moves the weight gradients out of the time loop (faster on a
+    CPU; see benchmarks/RESULTS.md). On a GPU Keras' cuDNN kernel stays.
+    """
+
+    def inner_loop(self, sequences, initial_state, mask, training=False):
+        if self._window_kernel_applies(mask):
+            from keraslm.recurrence import lstm_sequence
+
+            cell = self.cell
+            outputs, h, c = lstm_sequence(
+                sequences, initial_state[0], initial_state[1], cell.kernel, cell.recurrent_kernel, cell.bias
+            )
+            return outputs[:, -1], outputs, [h, c]
+        return super().inner_loop(sequences, initial_state, mask, training=training)
+
+    def _window_kernel_applies(self, mask):
+        import tensorflow as tf
+
+        cell = self.cell
+        plain = (
+            mask is None
+            and not self.go_backwards
+            and not self.unroll
+            and not cell.dropout
+            and not cell.recurrent_dropout
+            and cell.use_bias
+            and cell.activation is keras.activations.tanh
+            and cell.recurrent_activation is keras.activations.sigmoid
+        )
+        return plain and backend.backend() == "tensorflow" and not tf.config.list_logical_devices("GPU")
 
 
 @keras.saving.register_keras_serializable(package="keraslm")

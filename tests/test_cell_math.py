@@ -64,3 +64,43 @@ def test_logits_are_the_projection_of_the_last_hidden_state():
     _, _, _, out, twin = one_step("rnn_tanh")
     kernel, bias = (w.numpy() for w in twin.get_layer("logits").weights)
     np.testing.assert_allclose(out["logits"][:, 0], out["h0_out"] @ kernel + bias, atol=1e-5)
+
+
+def test_lstm_window_kernel_equals_keras_loop_and_its_gradients():
+    """recurrence.lstm_sequence (the training models' LSTM on a CPU): outputs, final state and the
+    gradient of every input and weight equal TensorFlow's differentiation of Keras' own loop."""
+    import keras
+    import tensorflow as tf
+
+    from keraslm.recurrence import lstm_sequence
+
+    rng = np.random.default_rng(2)
+    batch, steps, width, units = 4, 9, 5, 6
+    layer = keras.layers.LSTM(units, return_sequences=True, return_state=True, use_cudnn=False)
+    x, h0, c0 = (
+        tf.constant(rng.normal(size=s).astype(np.float32)) for s in [(batch, steps, width)] + [(batch, units)] * 2
+    )
+    layer(x, initial_state=[h0, c0])
+    layer.cell.bias.assign(rng.normal(size=(4 * units,)).astype(np.float32))
+    upstream = [
+        tf.constant(rng.normal(size=s).astype(np.float32))
+        for s in ((batch, steps, units), (batch, units), (batch, units))
+    ]
+    cell = layer.cell
+
+    def outputs_and_gradients(run):
+        with tf.GradientTape() as tape:
+            tape.watch([x, h0, c0])
+            outputs = run()
+            loss = sum(tf.reduce_sum(o * u) for o, u in zip(outputs, upstream, strict=True))
+        return outputs, tape.gradient(loss, [x, h0, c0, cell.kernel, cell.recurrent_kernel, cell.bias])
+
+    keras_out, keras_grads = outputs_and_gradients(lambda: layer(x, initial_state=[h0, c0]))
+    kernel_out, kernel_grads = tf.function(
+        lambda: outputs_and_gradients(lambda: lstm_sequence(x, h0, c0, cell.kernel, cell.recurrent_kernel, cell.bias))
+    )()
+    for expected, got in zip([*keras_out, *keras_grads], [*kernel_out, *kernel_grads], strict=True):
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
+    # It is what the stateful training model's LSTM runs here (a CPU).
+    config = ModelConfig(vocabulary_size=7, cell="lstm", num_layers=1, embedding_dim=4, hidden_dim=3)
+    assert build_model(config, batch_size=2, stateful=True).get_layer("rnn_0")._window_kernel_applies(None)
