@@ -3,6 +3,7 @@ would otherwise run, side by side in one command.
 
     pip install torch==2.13.0          # optional, benchmark-only
     python benchmarks/train_peers.py [--config word|char|all] [--cells lstm,gru,...] [--repeats N]
+                                     [--mixed-precision]
 
 Configs:
 - word: pytorch/examples' word_language_model (embedding 200, hidden 200, 2 layers, dropout 0.2,
@@ -17,9 +18,12 @@ Configs:
   first 256,000 characters of Tiny Shakespeare (valid and test: the next 64,000 each), two epochs;
   tokens/s of the second (after warm-up: tracing, first allocations).
 
+With --mixed-precision keraslm also runs `train.py --mixed-precision` (bfloat16 matmuls on this
+CPU's AMX units, float32 weights and loss), reported as its own row.
+
 Each trainer runs as its own process, one after the other, alternating, `--repeats` times; the
 table gives medians. The compute bound: each config's matmuls per window (forward and backward,
-shape by shape, as TensorFlow runs them), timed on this machine with tf.matmul in float32; the
+shape by shape, as keraslm runs them), timed on this machine with tf.matmul in float32; the
 sum is the time a step could take if it did nothing but those matmuls at the measured rates.
 Utilisation = that time / the measured step time.
 """
@@ -57,11 +61,11 @@ def char_data():
     return directory
 
 
-def run_keraslm(config, cell, data):
+def run_keraslm(config, cell, data, extra=()):
     run_dir = os.path.join(tempfile.mkdtemp(prefix="keraslm-bench-"), "run")
     c = CONFIGS[config]
     command = [sys.executable, "train.py", "--data", data, "--level", config, "--cell", cell, "--run-dir", run_dir]
-    command += ["--epochs", str(c["epochs"]), "--sample-tokens", "0", "--verbose", "0"]
+    command += ["--epochs", str(c["epochs"]), "--sample-tokens", "0", "--verbose", "0", *extra]
     if config == "char":
         command += ["--hidden-dim", "512", "--batch-size", "64"]  # the rest are the char defaults
     else:
@@ -181,15 +185,18 @@ def pytorch_child(config, cell, data):
 
 
 def matmul_shapes(config, cell, vocabulary):
-    """(m, k, n, count) of every float32 matmul of one training window, forward and backward."""
+    """(m, k, n, count) of every float32 matmul of one training window, forward and backward, as
+    keraslm.recurrence runs them (and cuDNN and PyTorch's CPU kernels): per time step only h·R and
+    the state's gradient; the input projection and all weight gradients as one matmul per window."""
     c = CONFIGS[config]
     B, T, H, g = c["batch"], c["bptt"], c["hidden"], GATES[cell]
+    N = B * T
     shapes = []
     for layer in range(c["layers"]):
-        inputs = c["embedding"] if layer == 0 else H
-        for k in (inputs, H):  # x_t @ kernel and h_{t-1} @ recurrent_kernel, each time step
-            shapes += [(B, k, g * H, T), (B, g * H, k, T), (k, B, g * H, T)]  # forward, d input, d weight
-    N, V = B * T, vocabulary
+        k = c["embedding"] if layer == 0 else H
+        shapes += [(B, H, g * H, T), (B, g * H, H, T)]  # each step: h_{t-1}·R, and dZ_t·Rᵀ
+        shapes += [(N, k, g * H, 1), (N, g * H, k, 1), (k, N, g * H, 1), (H, N, g * H, 1)]  # X·W, dX, dW, dR
+    V = vocabulary
     shapes += [(N, H, V, 1), (N, V, H, 1), (H, N, V, 1)]  # projection: forward, d hidden, d weight
     return shapes
 
@@ -245,6 +252,7 @@ def main():
     parser.add_argument("--config", choices=("word", "char", "all"), default="all")
     parser.add_argument("--cells", default="lstm", help=f"comma-separated, from {', '.join(CELLS)} (or all)")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--mixed-precision", action="store_true", help="also run keraslm with --mixed-precision")
     parser.add_argument("--pytorch-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pytorch_child:
@@ -261,9 +269,13 @@ def main():
         vocabulary = vocabulary_size(config, data)
         for cell in cells:
             flops_per_token, bound, rate = compute_bound(config, cell, vocabulary)
-            results = {"keraslm train.py": [], "PyTorch loop": []}
+            keraslm = {"keraslm train.py": ()}
+            if args.mixed_precision:
+                keraslm["keraslm train.py --mixed-precision"] = ("--mixed-precision",)
+            results = {name: [] for name in [*keraslm, "PyTorch loop"]}
             for _ in range(args.repeats):
-                results["keraslm train.py"].append(run_keraslm(config, cell, data))
+                for name, extra in keraslm.items():
+                    results[name].append(run_keraslm(config, cell, data, extra))
                 results["PyTorch loop"].append(run_pytorch(config, cell, data))
             for trainer, runs in results.items():
                 speed, val_loss, wall = (statistics.median(column) for column in zip(*runs, strict=True))

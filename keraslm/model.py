@@ -112,51 +112,86 @@ class PerReplicaState:
             ]
 
 
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulLSTM(PerReplicaState, keras.layers.LSTM):
-    """keras.layers.LSTM carrying per-replica state (see PerReplicaState).
+class WindowKernel:
+    """Mixin for Keras' recurrent layers: on a CPU, run the window through keraslm.recurrence.
 
-    Without a GPU it runs the window through `recurrence.lstm_sequence`, the same cell with a
-    hand-written backward pass that moves the weight gradients out of the time loop (faster on a
-    CPU; see benchmarks/RESULTS.md). On a GPU Keras' cuDNN kernel stays.
+    The kernels there compute Keras' own cells with a hand-written backward pass that takes the
+    weight gradients out of the time loop (faster on a CPU: benchmarks/RESULTS.md), so weights,
+    checkpoints and exports are unchanged. Anything they do not cover (a mask, dropout inside the
+    cell, other activations) and any GPU (where cuDNN serves LSTM and GRU) keeps Keras' path.
     """
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
         if self._window_kernel_applies(mask):
-            from keraslm.recurrence import lstm_sequence
-
-            cell = self.cell
-            outputs, h, c = lstm_sequence(
-                sequences, initial_state[0], initial_state[1], cell.kernel, cell.recurrent_kernel, cell.bias
-            )
-            return outputs[:, -1], outputs, [h, c]
+            return self._window_kernel(sequences, initial_state)
         return super().inner_loop(sequences, initial_state, mask, training=training)
 
     def _window_kernel_applies(self, mask):
         import tensorflow as tf
 
         cell = self.cell
-        plain = (
-            mask is None
-            and not self.go_backwards
-            and not self.unroll
-            and not cell.dropout
-            and not cell.recurrent_dropout
+        plain = mask is None and not (self.go_backwards or self.unroll or cell.dropout or cell.recurrent_dropout)
+        return (
+            plain
             and cell.use_bias
+            and self._cell_is_covered()
+            and backend.backend() == "tensorflow"
+            and not tf.config.list_logical_devices("GPU")
+        )
+
+
+@keras.saving.register_keras_serializable(package="keraslm")
+class StatefulLSTM(PerReplicaState, WindowKernel, keras.layers.LSTM):
+    """keras.layers.LSTM carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
+
+    def _cell_is_covered(self):
+        cell = self.cell
+        return cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
+
+    def _window_kernel(self, sequences, initial_state):
+        from keraslm.recurrence import lstm_sequence
+
+        cell = self.cell
+        outputs, h, c = lstm_sequence(sequences, *initial_state, cell.kernel, cell.recurrent_kernel, cell.bias)
+        return outputs[:, -1], outputs, [h, c]
+
+
+@keras.saving.register_keras_serializable(package="keraslm")
+class StatefulGRU(PerReplicaState, WindowKernel, keras.layers.GRU):
+    """keras.layers.GRU carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
+
+    def _cell_is_covered(self):
+        cell = self.cell
+        return (
+            cell.reset_after
             and cell.activation is keras.activations.tanh
             and cell.recurrent_activation is keras.activations.sigmoid
         )
-        return plain and backend.backend() == "tensorflow" and not tf.config.list_logical_devices("GPU")
+
+    def _window_kernel(self, sequences, initial_state):
+        from keraslm.recurrence import gru_sequence
+
+        cell = self.cell
+        outputs, h = gru_sequence(sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias)
+        return outputs[:, -1], outputs, [h]
 
 
 @keras.saving.register_keras_serializable(package="keraslm")
-class StatefulGRU(PerReplicaState, keras.layers.GRU):
-    """keras.layers.GRU carrying per-replica state (see PerReplicaState)."""
+class StatefulSimpleRNN(PerReplicaState, WindowKernel, keras.layers.SimpleRNN):
+    """keras.layers.SimpleRNN carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
 
+    def _cell_is_covered(self):
+        return self.cell.activation in (keras.activations.tanh, keras.activations.relu)
 
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulSimpleRNN(PerReplicaState, keras.layers.SimpleRNN):
-    """keras.layers.SimpleRNN carrying per-replica state (see PerReplicaState)."""
+    def _window_kernel(self, sequences, initial_state):
+        from keraslm.recurrence import rnn_sequence
+
+        cell = self.cell
+        activation = "tanh" if cell.activation is keras.activations.tanh else "relu"
+        outputs, h = rnn_sequence(
+            sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias, activation
+        )
+        return outputs[:, -1], outputs, [h]
 
 
 def state_names(model_config):

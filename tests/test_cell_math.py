@@ -1,6 +1,7 @@
 """One step of each Keras cell equals the textbook equations in NumPy, using the layer's weights."""
 
 import numpy as np
+import pytest
 
 from keraslm.config import ModelConfig
 from keraslm.model import build_model
@@ -66,41 +67,52 @@ def test_logits_are_the_projection_of_the_last_hidden_state():
     np.testing.assert_allclose(out["logits"][:, 0], out["h0_out"] @ kernel + bias, atol=1e-5)
 
 
-def test_lstm_window_kernel_equals_keras_loop_and_its_gradients():
-    """recurrence.lstm_sequence (the training models' LSTM on a CPU): outputs, final state and the
-    gradient of every input and weight equal TensorFlow's differentiation of Keras' own loop."""
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_window_kernels_equal_keras_loop_and_its_gradients(cell):
+    """keraslm.recurrence (the training models' recurrent layers on a CPU): outputs, final state and
+    the gradient of every input and weight equal TensorFlow's differentiation of Keras' own loop."""
     import keras
     import tensorflow as tf
 
-    from keraslm.recurrence import lstm_sequence
+    from keraslm import recurrence
 
     rng = np.random.default_rng(2)
     batch, steps, width, units = 4, 9, 5, 6
-    layer = keras.layers.LSTM(units, return_sequences=True, return_state=True, use_cudnn=False)
-    x, h0, c0 = (
-        tf.constant(rng.normal(size=s).astype(np.float32)) for s in [(batch, steps, width)] + [(batch, units)] * 2
-    )
-    layer(x, initial_state=[h0, c0])
-    layer.cell.bias.assign(rng.normal(size=(4 * units,)).astype(np.float32))
-    upstream = [
-        tf.constant(rng.normal(size=s).astype(np.float32))
-        for s in ((batch, steps, units), (batch, units), (batch, units))
-    ]
-    cell = layer.cell
+    if cell == "lstm":
+        layer = keras.layers.LSTM(units, return_sequences=True, return_state=True, use_cudnn=False)
+    elif cell == "gru":
+        layer = keras.layers.GRU(units, return_sequences=True, return_state=True, use_cudnn=False)
+    else:
+        activation = cell.split("_")[1]
+        layer = keras.layers.SimpleRNN(units, activation=activation, return_sequences=True, return_state=True)
+    kinds = 2 if cell == "lstm" else 1
+    x = tf.constant(rng.normal(size=(batch, steps, width)).astype(np.float32))
+    state = [tf.constant(rng.normal(size=(batch, units)).astype(np.float32)) for _ in range(kinds)]
+    layer(x, initial_state=state)
+    layer.cell.bias.assign(rng.normal(size=layer.cell.bias.shape).astype(np.float32))
+    shapes = [(batch, steps, units)] + [(batch, units)] * kinds
+    upstream = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    weights = [layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias]
+
+    def window_kernel():
+        if cell == "lstm":
+            return recurrence.lstm_sequence(x, *state, *weights)
+        if cell == "gru":
+            return recurrence.gru_sequence(x, *state, *weights)
+        return recurrence.rnn_sequence(x, *state, *weights, activation=cell.split("_")[1])
 
     def outputs_and_gradients(run):
         with tf.GradientTape() as tape:
-            tape.watch([x, h0, c0])
+            tape.watch([x, *state])
             outputs = run()
             loss = sum(tf.reduce_sum(o * u) for o, u in zip(outputs, upstream, strict=True))
-        return outputs, tape.gradient(loss, [x, h0, c0, cell.kernel, cell.recurrent_kernel, cell.bias])
+        return outputs, tape.gradient(loss, [x, *state, *weights])
 
-    keras_out, keras_grads = outputs_and_gradients(lambda: layer(x, initial_state=[h0, c0]))
-    kernel_out, kernel_grads = tf.function(
-        lambda: outputs_and_gradients(lambda: lstm_sequence(x, h0, c0, cell.kernel, cell.recurrent_kernel, cell.bias))
-    )()
+    keras_out, keras_grads = outputs_and_gradients(lambda: layer(x, initial_state=state))
+    kernel_out, kernel_grads = tf.function(lambda: outputs_and_gradients(window_kernel))()
     for expected, got in zip([*keras_out, *keras_grads], [*kernel_out, *kernel_grads], strict=True):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
-    # It is what the stateful training model's LSTM runs here (a CPU).
-    config = ModelConfig(vocabulary_size=7, cell="lstm", num_layers=1, embedding_dim=4, hidden_dim=3)
+
+    # It is what the stateful training model's layer runs here (a CPU).
+    config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=1, embedding_dim=4, hidden_dim=3)
     assert build_model(config, batch_size=2, stateful=True).get_layer("rnn_0")._window_kernel_applies(None)
