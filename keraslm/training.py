@@ -139,6 +139,22 @@ def load_checkpoint(run, model):
     run.checkpoint_epoch = run.epoch
 
 
+def bfloat16_is_native():
+    """True on a machine without a GPU whose CPU has AMX bfloat16 units (Intel Sapphire Rapids and
+    later): there bfloat16 matmuls run about 4× faster than float32, and mixed precision trains
+    the char benchmark configs 1.4-1.8× faster (word ones about 5%) at the same validation loss (benchmarks/RESULTS.md).
+    Without AMX, bfloat16 is emulated or narrower and not known to win, so float32 stays."""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:  # not Linux
+        return False
+
+
 def make_optimizer(train_config):
     """SGD, Adam or AdamW with torch-style gradient clipping.
 
@@ -229,6 +245,8 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
     train_config = config.train
     keras.utils.set_random_seed(train_config.seed)
     replica_batch_size = distribute.per_replica_batch_size(strategy, train_config.batch_size)
+    if train_config.mixed_precision is None:  # auto; config.json records what it became
+        train_config.mixed_precision = bfloat16_is_native()
     if train_config.mixed_precision:
         import tensorflow as tf
 
