@@ -50,8 +50,8 @@ def build_model(hidden_dim, cell="lstm"):
     train += ["--dry-run", "--epochs", "1", "--sample-tokens", "0", "--run-dir", run_dir]
     if not os.path.exists(os.path.join(run_dir, "model.keras")):
         subprocess.run([sys.executable, *train], cwd=ROOT, check=True, capture_output=True)
-    if not os.path.exists(version_dir):
-        export = ["export.py", run_dir, "--out", os.path.join(base, "exports"), "--version", "1"]
+    if not os.path.exists(os.path.join(version_dir, "assets.extra", "model.int8.onnx")):  # none, or too old
+        export = ["export.py", run_dir, "--out", os.path.join(base, "exports"), "--version", "1", "--overwrite"]
         subprocess.run([sys.executable, *export], cwd=ROOT, check=True, capture_output=True)
     return run_dir, version_dir
 
