@@ -3,7 +3,7 @@ would otherwise run, side by side in one command.
 
     pip install torch==2.13.0          # optional, benchmark-only
     python benchmarks/train_peers.py [--config word|char|all] [--cells lstm,gru,...] [--repeats N]
-                                     [--mixed-precision]
+                                     [--both-precisions]
 
 Configs:
 - word: pytorch/examples' word_language_model (embedding 200, hidden 200, 2 layers, dropout 0.2,
@@ -18,8 +18,9 @@ Configs:
   first 256,000 characters of Tiny Shakespeare (valid and test: the next 64,000 each), two epochs;
   tokens/s of the second (after warm-up: tracing, first allocations).
 
-With --mixed-precision keraslm also runs `train.py --mixed-precision` (bfloat16 matmuls on this
-CPU's AMX units, float32 weights and loss), reported as its own row.
+keraslm runs `train.py` as it is (bfloat16 mixed precision where the CPU has AMX units, else float32);
+with --both-precisions it runs twice instead, `--no-mixed-precision` (float32) and `--mixed-precision`
+(bfloat16 products, float32 weights and loss), each its own row.
 
 Each trainer runs as its own process, one after the other, alternating, `--repeats` times; the
 table gives medians. The compute bound: each config's matmuls per window (forward and backward,
@@ -252,7 +253,9 @@ def main():
     parser.add_argument("--config", choices=("word", "char", "all"), default="all")
     parser.add_argument("--cells", default="lstm", help=f"comma-separated, from {', '.join(CELLS)} (or all)")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--mixed-precision", action="store_true", help="also run keraslm with --mixed-precision")
+    parser.add_argument(
+        "--both-precisions", action="store_true", help="run keraslm with --no-mixed-precision and --mixed-precision"
+    )
     parser.add_argument("--pytorch-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pytorch_child:
@@ -270,8 +273,8 @@ def main():
         for cell in cells:
             flops_per_token, bound, rate = compute_bound(config, cell, vocabulary)
             keraslm = {"keraslm train.py": ()}
-            if args.mixed_precision:
-                keraslm["keraslm train.py --mixed-precision"] = ("--mixed-precision",)
+            if args.both_precisions:
+                keraslm = {f"keraslm train.py {flag}": (flag,) for flag in ("--no-mixed-precision", "--mixed-precision")}
             results = {name: [] for name in [*keraslm, "PyTorch loop"]}
             for _ in range(args.repeats):
                 for name, extra in keraslm.items():

@@ -86,6 +86,26 @@ class TiedEmbedding(keras.layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="keraslm")
+class Projection(keras.layers.Dense):
+    """The output layer: hidden states [B, T, H] to float32 logits [B, T, V].
+
+    A Dense layer. Under the mixed_bfloat16 policy its products run in bfloat16 with float32
+    accumulation and float32 logits (keraslm.projection); under any other policy it is built
+    with dtype float32, so the logits and the loss are float32 whatever the policy.
+    """
+
+    def call(self, inputs, training=None):
+        if self.compute_dtype == "bfloat16" and backend.backend() == "tensorflow":
+            from keraslm.projection import bfloat16_projection
+
+            return bfloat16_projection(inputs, self.kernel, self.bias)
+        return ops.cast(super().call(inputs), "float32")
+
+    def compute_output_spec(self, inputs):
+        return keras.KerasTensor((*inputs.shape[:-1], self.units), dtype="float32")
+
+
 class PerReplicaState:
     """Mixin for Keras' stateful RNN layers: the carried state lives in sync-on-read variables.
 
@@ -321,10 +341,14 @@ def build_model(
     if c.tie_weights:
         logits = embedding(x, reverse=True)
     else:
-        # float32 logits (and so a float32 loss) under a mixed-precision policy.
+        # float32 logits (and so a float32 loss) under any policy; bfloat16 products under
+        # mixed_bfloat16 (see Projection).
+        bfloat16 = keras.mixed_precision.global_policy().name == "mixed_bfloat16"
         dense = layer(
             "logits",
-            lambda name: keras.layers.Dense(c.vocabulary_size, dtype="float32", name=name, **initializers["dense"]),
+            lambda name: Projection(
+                c.vocabulary_size, dtype=None if bfloat16 else "float32", name=name, **initializers["dense"]
+            ),
         )
         logits = dense(x)  # (B, T, V)
 
