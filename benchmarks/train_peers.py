@@ -274,7 +274,8 @@ def main():
             flops_per_token, bound, rate = compute_bound(config, cell, vocabulary)
             keraslm = {"keraslm train.py": ()}
             if args.both_precisions:
-                keraslm = {f"keraslm train.py {flag}": (flag,) for flag in ("--no-mixed-precision", "--mixed-precision")}
+                flags = ("--no-mixed-precision", "--mixed-precision")
+                keraslm = {f"keraslm train.py {flag}": (flag,) for flag in flags}
             results = {name: [] for name in [*keraslm, "PyTorch loop"]}
             for _ in range(args.repeats):
                 for name, extra in keraslm.items():
