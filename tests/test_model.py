@@ -122,3 +122,34 @@ def test_torch_initialisation_follows_pytorch_examples():
         assert abs(values).max() <= 0.25 and values.std() > 0.1
     with pytest.raises(UsageError, match="--init"):
         tiny_config("lstm", init="xavier").validate()
+
+
+def test_bfloat16_projection_gives_float32_logits_close_to_float32():
+    """Under mixed_bfloat16 the output layer multiplies in bfloat16 but returns float32 logits, and
+    its value and gradients stay within bfloat16 rounding of the float32 layer's."""
+    import tensorflow as tf
+
+    config = ModelConfig(vocabulary_size=50, cell="lstm", num_layers=1, embedding_dim=8, hidden_dim=8)
+    reference = build_model(config, batch_size=2, stateful=True)
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        mixed = build_model(config, batch_size=2, stateful=True)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    mixed.set_weights(reference.get_weights())
+    projection = mixed.get_layer("logits")
+    assert projection.compute_dtype == "bfloat16" and projection.variable_dtype == "float32"
+
+    hidden = tf.random.stateless_normal([2, 5, 8], [1, 2])
+    results = []
+    for layer in (reference.get_layer("logits"), projection):
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            logits = layer(hidden)
+            loss = tf.reduce_sum(tf.sin(logits))
+        results.append([logits, *tape.gradient(loss, [hidden, layer.kernel, layer.bias])])
+    assert results[1][0].dtype == tf.float32
+    assert not np.array_equal(results[1][0].numpy(), results[0][0].numpy())  # bfloat16 products did run
+    for expected, got in zip(*results, strict=True):
+        scale = float(tf.reduce_max(tf.abs(expected)))
+        np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected.numpy(), atol=2e-2 * scale)
