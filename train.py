@@ -72,7 +72,7 @@ def parse_args(argv):
         action=argparse.BooleanOptionalAction,
         default=None,
         help="float16 (GPU) / bfloat16 (CPU) compute, float32 weights, logits and loss (default: on for a"
-        " CPU with AMX bfloat16 units and no GPU, where char models train 1.4-1.8x faster; off otherwise)",
+        " CPU with AMX bfloat16 units and no GPU, where it trains 1.3-1.9x faster; off otherwise)",
     )
     train.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch (default: start token)")
     train.add_argument("--sample-tokens", type=int, help="tokens sampled after each epoch (default 200; 0 = off)")
