@@ -24,13 +24,15 @@ with --both-precisions it runs twice instead, `--no-mixed-precision` (float32) a
 
 Each trainer runs as its own process, one after the other, alternating, `--repeats` times; the
 table gives medians. The compute bound: each config's matmuls per window (forward and backward,
-shape by shape, as keraslm runs them), timed on this machine with tf.matmul in float32; the
-sum is the time a step could take if it did nothing but those matmuls at the measured rates.
-Utilisation = that time / the measured step time.
+shape by shape, as keraslm runs them), timed on this machine with tf.matmul, once in float32 and
+once in bfloat16 (on AMX units several times faster); the sum is the time a step could take if it
+did nothing but those matmuls at the measured rates. Utilisation = that time / the measured step
+time, against the bound of the precision the run multiplied in (the PyTorch peer: float32).
 """
 
 import argparse
 import csv
+import json
 import math
 import os
 import statistics
@@ -76,14 +78,16 @@ def run_keraslm(config, cell, data, extra=()):
     wall = time.perf_counter() - start
     with open(os.path.join(run_dir, "history.csv")) as f:
         last = list(csv.DictReader(f))[-1]
-    return float(last["tokens_per_second"]), float(last["val_loss"]), wall
+    with open(os.path.join(run_dir, "config.json")) as f:
+        mixed = json.load(f)["train"]["mixed_precision"]  # what the default resolved to on this machine
+    return float(last["tokens_per_second"]), float(last["val_loss"]), wall, "bfloat16" if mixed else "float32"
 
 
 def run_pytorch(config, cell, data):
     start = time.perf_counter()
     command = [sys.executable, __file__, "--pytorch-child", config, cell, data]
     out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
-    return float(out[-2]), float(out[-1]), time.perf_counter() - start
+    return float(out[-2]), float(out[-1]), time.perf_counter() - start, "float32"
 
 
 def word_lr(cell):
@@ -202,16 +206,17 @@ def matmul_shapes(config, cell, vocabulary):
     return shapes
 
 
-def matmul_seconds(shapes, repeats=50):
-    """Median seconds of each distinct shape's tf.matmul on this machine: `repeats` products in one
-    traced while loop (as Keras runs its time steps), so that per-call dispatch is not counted."""
+def matmul_seconds(shapes, dtype, repeats=50):
+    """Median seconds of each distinct shape's tf.matmul in `dtype` on this machine: `repeats`
+    products in one traced while loop (as Keras runs its time steps), so that per-call dispatch is
+    not counted."""
     import numpy as np
     import tensorflow as tf
 
     @tf.function
     def repeated(a, b):
         def body(i, a, total):  # `a` is a loop variable, so the product cannot be hoisted out
-            return i + 1, a, total + tf.matmul(a, b)[0, 0]
+            return i + 1, a, total + tf.cast(tf.matmul(a, b)[0, 0], tf.float32)
 
         return tf.while_loop(lambda i, a, total: i < repeats, body, (0, a, 0.0))[2]
 
@@ -219,7 +224,7 @@ def matmul_seconds(shapes, repeats=50):
     for m, k, n, _ in shapes:
         if (m, k, n) in seconds:
             continue
-        a, b = tf.random.normal([m, k]), tf.random.normal([k, n])
+        a, b = tf.cast(tf.random.normal([m, k]), dtype), tf.cast(tf.random.normal([k, n]), dtype)
         repeated(a, b)
         runs = []
         for _ in range(5):
@@ -230,11 +235,11 @@ def matmul_seconds(shapes, repeats=50):
     return seconds
 
 
-def compute_bound(config, cell, vocabulary):
-    """FLOPs per token and the matmul-only tokens/s bound of one training window."""
+def compute_bound(config, cell, vocabulary, dtype):
+    """FLOPs per token and the matmul-only tokens/s bound of one training window in `dtype`."""
     c = CONFIGS[config]
     shapes = matmul_shapes(config, cell, vocabulary)
-    seconds = matmul_seconds(shapes)
+    seconds = matmul_seconds(shapes, dtype)
     flops = sum(2 * m * k * n * count for m, k, n, count in shapes)
     window_seconds = sum(seconds[(m, k, n)] * count for m, k, n, count in shapes)
     tokens = c["batch"] * c["bptt"]
@@ -271,7 +276,7 @@ def main():
         data = os.path.join(DATA, "wikitext-2-mini") if config == "word" else char_data()
         vocabulary = vocabulary_size(config, data)
         for cell in cells:
-            flops_per_token, bound, rate = compute_bound(config, cell, vocabulary)
+            bounds = {dtype: compute_bound(config, cell, vocabulary, dtype) for dtype in ("float32", "bfloat16")}
             keraslm = {"keraslm train.py": ()}
             if args.both_precisions:
                 flags = ("--no-mixed-precision", "--mixed-precision")
@@ -282,17 +287,21 @@ def main():
                     results[name].append(run_keraslm(config, cell, data, extra))
                 results["PyTorch loop"].append(run_pytorch(config, cell, data))
             for trainer, runs in results.items():
-                speed, val_loss, wall = (statistics.median(column) for column in zip(*runs, strict=True))
+                speed, val_loss, wall = (statistics.median(column) for column in list(zip(*runs, strict=True))[:3])
+                dtype = runs[0][3]
+                flops_per_token, bound, _ = bounds[dtype]
                 print(
-                    f"| {config} | {cell} | {trainer} | {speed:,.0f} | {val_loss:.4f} ({math.exp(val_loss):.1f}) "
-                    f"| {wall:.0f} | {speed * flops_per_token / 1e9:.0f} | {speed / bound:.0%} |",
+                    f"| {config} | {cell} | {trainer} ({dtype}) | {speed:,.0f} | {val_loss:.4f} "
+                    f"({math.exp(val_loss):.1f}) | {wall:.0f} | {speed * flops_per_token / 1e9:.0f} "
+                    f"| {speed / bound:.0%} |",
                     flush=True,
                 )
-            print(
-                f"| {config} | {cell} | compute bound: {flops_per_token / 1e6:.1f} MFLOP/token, matmuls at "
-                f"{rate / 1e9:.0f} GFLOP/s | {bound:,.0f} | | | | 100% |",
-                flush=True,
-            )
+            for dtype, (flops_per_token, bound, rate) in bounds.items():
+                print(
+                    f"| {config} | {cell} | compute bound in {dtype}: {flops_per_token / 1e6:.1f} MFLOP/token, "
+                    f"matmuls at {rate / 1e9:.0f} GFLOP/s | {bound:,.0f} | | | | 100% |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

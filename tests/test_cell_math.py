@@ -67,14 +67,34 @@ def test_logits_are_the_projection_of_the_last_hidden_state():
     np.testing.assert_allclose(out["logits"][:, 0], out["h0_out"] @ kernel + bias, atol=1e-5)
 
 
+def window_kernel(cell, x, state, weights):
+    """A function running keraslm.recurrence's kernel for `cell`."""
+    from keraslm import recurrence
+
+    if cell == "lstm":
+        return lambda: recurrence.lstm_sequence(x, *state, *weights)
+    if cell == "gru":
+        return lambda: recurrence.gru_sequence(x, *state, *weights)
+    return lambda: recurrence.rnn_sequence(x, *state, *weights, activation=cell.split("_")[1])
+
+
+def outputs_and_gradients(run, x, state, weights, upstream):
+    """run()'s outputs and the gradients of Σ outputs·upstream in x, the state and the weights."""
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        tape.watch([x, *state, *(w for w in weights if isinstance(w, tf.Tensor))])  # variables are watched anyway
+        outputs = run()
+        loss = sum(tf.reduce_sum(tf.cast(o, tf.float32) * u) for o, u in zip(outputs, upstream, strict=True))
+    return outputs, tape.gradient(loss, [x, *state, *weights])
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 def test_window_kernels_equal_keras_loop_and_its_gradients(cell):
     """keraslm.recurrence (the training models' recurrent layers on a CPU): outputs, final state and
     the gradient of every input and weight equal TensorFlow's differentiation of Keras' own loop."""
     import keras
     import tensorflow as tf
-
-    from keraslm import recurrence
 
     rng = np.random.default_rng(2)
     batch, steps, width, units = 4, 9, 5, 6
@@ -94,25 +114,54 @@ def test_window_kernels_equal_keras_loop_and_its_gradients(cell):
     upstream = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in shapes]
     weights = [layer.cell.kernel, layer.cell.recurrent_kernel, layer.cell.bias]
 
-    def window_kernel():
-        if cell == "lstm":
-            return recurrence.lstm_sequence(x, *state, *weights)
-        if cell == "gru":
-            return recurrence.gru_sequence(x, *state, *weights)
-        return recurrence.rnn_sequence(x, *state, *weights, activation=cell.split("_")[1])
-
-    def outputs_and_gradients(run):
-        with tf.GradientTape() as tape:
-            tape.watch([x, *state])
-            outputs = run()
-            loss = sum(tf.reduce_sum(o * u) for o, u in zip(outputs, upstream, strict=True))
-        return outputs, tape.gradient(loss, [x, *state, *weights])
-
-    keras_out, keras_grads = outputs_and_gradients(lambda: layer(x, initial_state=state))
-    kernel_out, kernel_grads = tf.function(lambda: outputs_and_gradients(window_kernel))()
+    keras_out, keras_grads = outputs_and_gradients(lambda: layer(x, initial_state=state), x, state, weights, upstream)
+    kernel = tf.function(
+        lambda: outputs_and_gradients(window_kernel(cell, x, state, weights), x, state, weights, upstream)
+    )
+    kernel_out, kernel_grads = kernel()
     for expected, got in zip([*keras_out, *keras_grads], [*kernel_out, *kernel_grads], strict=True):
         np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)
 
     # It is what the stateful training model's layer runs here (a CPU).
     config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=1, embedding_dim=4, hidden_dim=3)
     assert build_model(config, batch_size=2, stateful=True).get_layer("rnn_0")._window_kernel_applies(None)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_window_kernels_in_bfloat16_follow_float32(cell):
+    """Under mixed_bfloat16 Keras hands the kernels bfloat16 inputs, state and weights; they multiply in
+    bfloat16 and keep the elementwise mathematics and the state within the window in float32. Outputs
+    and gradients come back in the dtypes they went in, equal to the float32 kernel run on the same
+    (rounded) values within bfloat16 rounding."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(3)
+    batch, steps, width, units = 8, 30, 16, 32
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    bias_shape = (2, gates * units) if cell == "gru" else (gates * units,)
+    shapes = [(batch, steps, width)] + [(batch, units)] * (2 if cell == "lstm" else 1)
+    shapes += [(width, gates * units), (units, gates * units), bias_shape]
+    # Values representable in bfloat16, so that both runs start from the same numbers; a contracting
+    # recurrent kernel, so that rounding does not grow chaotically over the steps.
+    scales = [1.0] * (len(shapes) - 3) + [0.3, 0.5 / np.sqrt(units), 0.3]
+    values = [
+        tf.cast(tf.cast(rng.normal(0, scale, s).astype(np.float32), tf.bfloat16), tf.float32)
+        for s, scale in zip(shapes, scales, strict=True)
+    ]
+    n_state = len(shapes) - 4
+    upstream = [tf.constant(rng.normal(size=s).astype(np.float32)) for s in [(batch, steps, units)] + shapes[1:-3]]
+
+    def run(dtype):
+        x, *rest = (tf.cast(v, dtype) for v in values)
+        state, weights = rest[:n_state], rest[n_state:]
+        return tf.function(
+            lambda: outputs_and_gradients(window_kernel(cell, x, state, weights), x, state, weights, upstream)
+        )()
+
+    expected_out, expected_grads = run(tf.float32)
+    low_out, low_grads = run(tf.bfloat16)
+    for expected, got in zip([*expected_out, *expected_grads], [*low_out, *low_grads], strict=True):
+        assert got.dtype == tf.bfloat16
+        got, expected = tf.cast(got, tf.float32).numpy(), expected.numpy()
+        scale = np.abs(expected).max()
+        assert np.abs(got - expected).max() <= 0.02 * scale, (np.abs(got - expected).max(), scale)
