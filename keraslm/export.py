@@ -26,6 +26,7 @@ from keraslm.model import build_model, keras_step, state_names
 from keraslm.onnx_step import OPSET as ONNX_OPSET
 from keraslm.onnx_step import build_step_graph
 from keraslm.runs import load_run
+from keraslm.token_step import TokenStep
 
 PARITY_TOLERANCE = 1e-4
 # int8 weights change the model itself, so model.int8.onnx is checked against model.onnx by how far
@@ -54,6 +55,7 @@ class ExportModule(tf.Module):
         # The same layers (one copy of the weights) with a mask input, for prompts of different lengths.
         self.masked_twin = build_model(model_config, use_cudnn=False, with_mask=True, layers_of=twin)
         self.states = state_names(model_config)
+        self.token_step = TokenStep(twin, model_config)
         self.level = vocab.level
         self.vocabulary_size = len(vocab)
         self.tokens = tf.constant(vocab.tokens)
@@ -132,19 +134,13 @@ class ExportModule(tf.Module):
 
         return tf.cond(temperature > 0, draw, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
 
-    def _one_token(self, ids, states):
-        """Logits [B, V] and the next states for one token per row, through the twin's layers
-        with its recurrent cells called directly: a layer's own time loop, for a single step,
-        costs more than the step itself. Dropout is off at inference, so it is left out."""
+    def _one_token(self, ids, states, weights):
+        """Logits [B, V] and the next states for one token per row: the embedding and output layers
+        of the twin, the recurrent cells as TokenStep (split weights, every core busy at batch 1).
+        Dropout is off at inference, so it is left out."""
         c = self.model_config
         x = self.twin.get_layer("one_hot" if c.one_hot else "embedding")(ids)
-        kinds = ("h", "c") if c.cell == "lstm" else ("h",)
-        new_states = {}
-        for i in range(c.num_layers):
-            cell = self.twin.get_layer(f"rnn_{i}").cell
-            x, cell_states = cell(x, [states[f"{k}{i}_in"] for k in kinds], training=False)
-            for k, value in zip(kinds, tf.nest.flatten(cell_states), strict=True):
-                new_states[f"{k}{i}_in"] = tf.cast(value, tf.float32)
+        x, new_states = self.token_step(tf.cast(x, tf.float32), states, weights)
         if c.tie_weights:
             logits = self.twin.get_layer("embedding")(x, reverse=True)
         else:
@@ -167,9 +163,11 @@ class ExportModule(tf.Module):
         logits = outputs.pop("logits")[:, -1]
         states = {name.replace("_out", "_in"): value for name, value in outputs.items()}
 
+        weights = self.token_step.weights()  # split once per call, outside the loop
+
         def body(t, logits, states, generated):
             next_ids = self._sample(logits, temperature, top_k, top_p, seed, t)
-            logits, states = self._one_token(next_ids, states)
+            logits, states = self._one_token(next_ids, states, weights)
             return t + 1, logits, states, generated.write(t, next_ids)
 
         count = tf.maximum(max_new_tokens, 0)

@@ -165,3 +165,30 @@ def test_window_kernels_in_bfloat16_follow_float32(cell):
         got, expected = tf.cast(got, tf.float32).numpy(), expected.numpy()
         scale = np.abs(expected).max()
         assert np.abs(got - expected).max() <= 0.02 * scale, (np.abs(got - expected).max(), scale)
+
+
+@pytest.mark.parametrize("hidden_dim", [5, 9])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_token_step_with_split_weights_equals_the_twin(cell, hidden_dim):
+    """generate's one-token step (weights cut into column blocks, keraslm.token_step) gives the
+    twin's output and states, for hidden sizes that the blocks do not divide evenly."""
+    import tensorflow as tf
+
+    from keraslm.token_step import TokenStep
+
+    config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=2, embedding_dim=4, hidden_dim=hidden_dim)
+    twin = build_model(config)
+    rng = np.random.default_rng(4)
+    for w in twin.weights:
+        w.assign(rng.normal(0, 0.5, w.shape).astype(np.float32))
+    tokens = np.array([[5], [2], [0]], np.int32)
+    names = [f"{k}{i}" for i in range(2) for k in (["h", "c"] if cell == "lstm" else ["h"])]
+    state = {f"{n}_in": rng.normal(0, 1, (3, hidden_dim)).astype(np.float32) for n in names}
+    expected = twin({"tokens": tokens, **state})
+
+    step = TokenStep(twin, config)
+    x = twin.get_layer("embedding")(tokens[:, 0])
+    output, new_state = step(x, {k: tf.constant(v) for k, v in state.items()}, step.weights())
+    np.testing.assert_allclose(output.numpy(), expected["h1_out"].numpy()[:, :], atol=1e-5)
+    for n in names:
+        np.testing.assert_allclose(new_state[f"{n}_in"].numpy(), expected[f"{n}_out"].numpy(), atol=1e-5)

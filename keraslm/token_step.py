@@ -1,0 +1,95 @@
+"""One token through the trained recurrent layers, for the in-graph `generate` loop.
+
+At batch 1 a step is a handful of matrix-vector products, each reading a whole weight matrix, and
+TensorFlow runs one MatMul on one core. Keras' cells multiply by each matrix whole
+([1, H]·[H, gH]), so one core did the work while the other waited. Here each weight matrix is cut
+into column blocks once, before the loop, and every block is its own MatMul: TensorFlow's executor
+runs independent ops side by side, so a step's products use every core.
+
+    x·W + h·R  =  concat(x·W₁ + h·R₁, …, x·W_k + h·R_k)      W = [W₁ … W_k], R = [R₁ … R_k]
+
+The equations are Keras' cells (LSTM gates i, f, c, o; GRU with reset_after; SimpleRNN with tanh or
+relu), in float32 as the step signature runs them; tests/test_export.py checks generate's greedy
+continuation against the step model for every cell.
+"""
+
+import tensorflow as tf
+
+# Column blocks per weight matrix. On the 2-core machine this was measured on, 2 and 4 blocks
+# were equally fast at batch 1 (a [512, 2048] product: 119 µs whole, 60 µs in two blocks) and 4
+# was faster at batch 32; more cores on a serving machine can use 4 too.
+BLOCKS = 4
+
+
+class TokenStep:
+    """The recurrent layers of a stateless twin as one-token functions with split weights.
+
+    Args:
+        twin: the stateless model (`model.build_model`), whose layers `rnn_0` … hold the weights.
+        model_config: its ModelConfig.
+
+    Example:
+        step = TokenStep(twin, model_config)
+        weights = step.weights()          # once, outside the loop
+        x, states = step(x, states, weights)   # x [B, E] → [B, H]; states {"h0_in": [B, H], …}
+    """
+
+    def __init__(self, twin, model_config):
+        self.cell = model_config.cell
+        self.num_layers = model_config.num_layers
+        self.layers = [twin.get_layer(f"rnn_{i}").cell for i in range(model_config.num_layers)]
+        self.kinds = ("h", "c") if self.cell == "lstm" else ("h",)
+
+    def weights(self):
+        """Per layer: (kernel blocks, recurrent-kernel blocks, bias) as float32 tensors."""
+        weights = []
+        for cell in self.layers:
+            kernel, recurrent_kernel, bias = (
+                tf.cast(w, tf.float32) for w in (cell.kernel, cell.recurrent_kernel, cell.bias)
+            )
+            sizes = _block_sizes(kernel.shape[-1])
+            weights.append((tf.split(kernel, sizes, axis=1), tf.split(recurrent_kernel, sizes, axis=1), bias))
+        return weights
+
+    def __call__(self, x, states, weights):
+        """(output [B, H], new states) for inputs x [B, E] and states {"h{i}_in": [B, H], …}."""
+        new_states = {}
+        for i, (kernel, recurrent_kernel, bias) in enumerate(weights):
+            h = states[f"h{i}_in"]
+            if self.cell == "lstm":
+                x, c = _lstm(x, h, states[f"c{i}_in"], kernel, recurrent_kernel, bias)
+                new_states[f"c{i}_in"] = c
+            elif self.cell == "gru":
+                x = _gru(x, h, kernel, recurrent_kernel, bias)
+            else:
+                activation = tf.tanh if self.cell == "rnn_tanh" else tf.nn.relu
+                x = activation(_product(x, kernel) + _product(h, recurrent_kernel) + bias)
+            new_states[f"h{i}_in"] = x
+        return x, new_states
+
+
+def _block_sizes(columns):
+    """BLOCKS column counts adding up to `columns`, as equal as they can be (any hidden size)."""
+    blocks = min(BLOCKS, columns)
+    return [columns // blocks + (1 if i < columns % blocks else 0) for i in range(blocks)]
+
+
+def _product(x, blocks):
+    """x·[B₁ … B_k] as one [B, ΣN] tensor; each block a MatMul of its own."""
+    return tf.concat([tf.matmul(x, block) for block in blocks], axis=-1)
+
+
+def _lstm(x, h, c, kernel, recurrent_kernel, bias):
+    z = tf.concat([tf.matmul(x, w) + tf.matmul(h, r) for w, r in zip(kernel, recurrent_kernel, strict=True)], -1)
+    i, f, g, o = tf.split(z + bias, 4, axis=-1)
+    c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
+    return tf.sigmoid(o) * tf.tanh(c), c
+
+
+def _gru(x, h, kernel, recurrent_kernel, bias):
+    # reset_after: the reset gate multiplies h·R_h + b_h, not h (bias [2, 3H]: input, recurrent).
+    x_z, x_r, x_h = tf.split(_product(x, kernel) + bias[0], 3, axis=-1)
+    r_z, r_r, r_h = tf.split(_product(h, recurrent_kernel) + bias[1], 3, axis=-1)
+    z, r = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r)
+    candidate = tf.tanh(x_h + r * r_h)
+    return z * h + (1 - z) * candidate
