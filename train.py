@@ -44,7 +44,7 @@ def parse_args(argv):
         "--tie-weights", action="store_true", default=None, help="share the embedding with the output projection"
     )
     model.add_argument(
-        "--init", choices=("keras", "torch"), help="initialisers: Keras' defaults (char) or pytorch/examples' (word)"
+        "--init", choices=("keras", "torch"), help="initialisers: pytorch/examples' (the default) or Keras' defaults"
     )
     model.add_argument("--one-hot", action="store_true", default=None, help="one-hot inputs instead of an embedding")
     train = p.add_argument_group("training")
