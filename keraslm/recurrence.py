@@ -46,30 +46,29 @@ def _lstm(inputs, h0, c0, kernel, recurrent_kernel, bias):
     units = tf.shape(h0)[1]
     z_x = tf.reshape(_float_product(x_flat, kernel) + bias, [steps, batch, 4 * units])
 
-    def step(t, h, c, hs, cs, i_s, f_s, g_s, o_s):
+    def step(t, h, c, hs, factor_s, dc_s, f_s):
         i, f, g, o = _gate_activations(z_x[t] + _float(tf.matmul(h, recurrent_kernel)))
-        c = f * c + i * g
-        h = tf.cast(o * tf.tanh(c), low)
-        # Four arrays rather than one of the concatenated gates: a write keeps a reference, a concat
-        # would copy (a tenth of the step's time here).
-        saved = (cs.write(t, c), i_s.write(t, i), f_s.write(t, f), g_s.write(t, g), o_s.write(t, o))
-        return t + 1, h, c, hs.write(t, h), *saved
+        c_next = f * c + i * g
+        tanh_c = tf.tanh(c_next)
+        h = tf.cast(o * tanh_c, low)
+        # What the backward pass needs of this step, computed here while the step's gates are in
+        # cache: over a whole window afterwards the same products stream [T, B, 4H] tensors
+        # through memory (30 ms a layer and window at the char benchmark's size).
+        # dZ_t = [dc·g, dc·c_prev, dc·i, dh·tanh(c)] ⊙ the activations' derivatives:
+        factors = tf.concat([g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], -1)
+        dc_from_dh = o * (1 - tanh_c * tanh_c)  # what dh_t adds to the gradient of c_t
+        saved = (factor_s.write(t, factors), dc_s.write(t, dc_from_dh), f_s.write(t, f))
+        return t + 1, h, c_next, hs.write(t, h), *saved
 
-    arrays = (_array(low, steps, h0), *(_array(tf.float32, steps, h0) for _ in range(5)))
+    arrays = (_array(low, steps, h0), *(_array(tf.float32, steps, h0) for _ in range(3)))
     h_first, c_first = tf.cast(h0, low), _float(c0)
     _, h_last, c_last, *arrays = tf.while_loop(lambda t, *_: t < steps, step, (0, h_first, c_first, *arrays))
-    hs, cs, i, f, g, o = (array.stack() for array in arrays)  # [T, B, H] each
+    hs, factors, dc_from_dh, f = (array.stack() for array in arrays)  # [T, B, H], [T, B, 4H], [T, B, H] × 2
 
     def grad(d_outputs, d_h_last, d_c_last):
         d_outputs, d_h = _float(_upstream(d_outputs, hs)), _float(_upstream(d_h_last, h0))
         d_c = _float(_upstream(d_c_last, c0))
-        # Everything elementwise that does not depend on the backward recursion, for all steps at once.
-        c_prev = tf.concat([c_first[None], cs[:-1]], 0)
         h_prev = tf.concat([h_first[None], hs[:-1]], 0)
-        tanh_c = tf.tanh(cs)
-        dc_from_dh = o * (1 - tanh_c * tanh_c)  # what dh_t adds to the gradient of c_t
-        # dZ_t = [dc·g, dc·c_prev, dc·i, dh·tanh(c)] ⊙ the activations' derivatives
-        factors = tf.concat([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], -1)
 
         def back(t, d_h, d_c, d_z):
             d_h = d_outputs[t] + d_h
