@@ -106,52 +106,53 @@ def _gru(inputs, h0, kernel, recurrent_kernel, bias):
     low = inputs.dtype
     x_flat, steps, batch, width = _time_major(inputs)
     units = tf.shape(h0)[1]
-    x_z, x_r, x_h = tf.split(tf.reshape(_float_product(x_flat, kernel) + bias[0], [steps, batch, 3 * units]), 3, -1)
+    z_x = tf.reshape(_float_product(x_flat, kernel) + bias[0], [steps, batch, 3 * units])
 
-    def step(t, h, hs, zs, rs, candidates, r_hs):
+    def step(t, h, hs, input_factor_s, recurrent_factor_s, z_s):
         r_z, r_r, r_h = tf.split(_float(tf.matmul(tf.cast(h, low), recurrent_kernel)) + bias[1], 3, -1)
-        z, r = tf.sigmoid(x_z[t] + r_z), tf.sigmoid(x_r[t] + r_r)
-        candidate = tf.tanh(x_h[t] + r * r_h)
+        x_z, x_r, x_h = tf.split(z_x[t], 3, -1)
+        z, r = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r)
+        candidate = tf.tanh(x_h + r * r_h)
+        # What the backward pass needs of this step, computed while it is in cache (see _lstm).
+        # With dh the gradient of h_t: ∂z_pre = dh·f_z, ∂r_pre = dh·f_r, ∂candidate_pre = dh·f_c,
+        # and the recurrent pre-activations get [f_z, f_r, f_c·r]·dh.
+        f_z = (h - candidate) * z * (1 - z)
+        f_c = (1 - z) * (1 - candidate * candidate)
+        f_r = f_c * r_h * r * (1 - r)
+        saved = (
+            input_factor_s.write(t, tf.concat([f_z, f_r, f_c], -1)),
+            recurrent_factor_s.write(t, tf.concat([f_z, f_r, f_c * r], -1)),
+            z_s.write(t, z),
+        )
         h = z * h + (1 - z) * candidate  # the state stays float32 from step to step
-        saved = (zs.write(t, z), rs.write(t, r), candidates.write(t, candidate), r_hs.write(t, r_h))
-        return t + 1, h, hs.write(t, h), *saved
+        return t + 1, h, hs.write(t, tf.cast(h, low)), *saved
 
     h_first = _float(h0)
-    arrays = tuple(_array(tf.float32, steps, h0) for _ in range(5))
+    arrays = (_array(low, steps, h0), *(_array(tf.float32, steps, h0) for _ in range(3)))
     _, h_last, *arrays = tf.while_loop(lambda t, *_: t < steps, step, (0, h_first, *arrays))
-    hs, z, r, candidate, r_h = (array.stack() for array in arrays)  # [T, B, H] each
+    hs, input_factors, recurrent_factors, z = (array.stack() for array in arrays)  # [T, B, H or 3H]
 
     def grad(d_outputs, d_h_last):
         recurrent_t = tf.transpose(recurrent_kernel)  # once (see _lstm)
         d_outputs, d_h = _float(_upstream(d_outputs, hs)), _float(_upstream(d_h_last, h0))
-        h_prev = tf.concat([h_first[None], hs[:-1]], 0)
-        # With dh the gradient of h_t: ∂z_pre = dh·f_z, ∂r_pre = dh·f_r, ∂candidate_pre = dh·f_c,
-        # and the recurrent pre-activations get [f_z, f_r, f_c·r]·dh.
-        f_z = (h_prev - candidate) * z * (1 - z)
-        f_c = (1 - z) * (1 - candidate * candidate)
-        f_r = f_c * r_h * r * (1 - r)
-        input_factors = tf.concat([f_z, f_r, f_c], -1)
-        recurrent_factors = tf.concat([f_z, f_r, f_c * r], -1)
 
-        def back(t, d_h, d_hs):
+        def back(t, d_h, d_xs, d_recs):
             d_h = d_outputs[t] + d_h
-            d_rec = tf.cast(tf.concat([d_h, d_h, d_h], -1) * recurrent_factors[t], low)
+            d_h3 = tf.concat([d_h, d_h, d_h], -1)
+            d_rec = tf.cast(d_h3 * recurrent_factors[t], low)
             d_h_prev = d_h * z[t] + _float(tf.matmul(d_rec, recurrent_t))
-            return t - 1, d_h_prev, d_hs.write(t, d_h)
+            return t - 1, d_h_prev, d_xs.write(t, tf.cast(d_h3 * input_factors[t], low)), d_recs.write(t, d_rec)
 
-        back_start = (steps - 1, d_h, _array(tf.float32, steps, h0))
-        _, d_h0, d_hs = tf.while_loop(lambda t, *_: t >= 0, back, back_start)
-        d_hs = tf.tile(d_hs.stack(), [1, 1, 3])
-        d_x = tf.reshape(d_hs * input_factors, [-1, 3 * units])
-        d_rec = tf.reshape(d_hs * recurrent_factors, [-1, 3 * units])
+        back_start = (steps - 1, d_h, _array(low, steps, h0), _array(low, steps, h0))
+        _, d_h0, d_x, d_rec = tf.while_loop(lambda t, *_: t >= 0, back, back_start)
+        d_x, d_rec = tf.reshape(d_x.stack(), [-1, 3 * units]), tf.reshape(d_rec.stack(), [-1, 3 * units])
         d_bias = tf.stack([_column_sums(d_x), _column_sums(d_rec)])
-        d_x, d_rec = tf.cast(d_x, low), tf.cast(d_rec, low)
-        d_recurrent = tf.matmul(tf.reshape(tf.cast(h_prev, low), [-1, units]), d_rec, transpose_a=True)
+        h_prev = tf.concat([tf.cast(h_first, low)[None], hs[:-1]], 0)
+        d_recurrent = tf.matmul(tf.reshape(h_prev, [-1, units]), d_rec, transpose_a=True)
         d_inputs, d_kernel = _input_gradients(d_x, x_flat, kernel, steps, batch, width)
         return d_inputs, tf.cast(d_h0, h0.dtype), d_kernel, d_recurrent, d_bias
 
-    outputs = tf.transpose(tf.cast(hs, low), [1, 0, 2])
-    return (outputs, tf.cast(h_last, h0.dtype)), grad
+    return (tf.transpose(hs, [1, 0, 2]), tf.cast(h_last, h0.dtype)), grad
 
 
 def rnn_sequence(inputs, h0, kernel, recurrent_kernel, bias, activation):
