@@ -6,9 +6,28 @@ import time
 import keras
 import numpy as np
 
-from keraslm import history
+from keraslm import cli, history
 from keraslm.model import keras_step, reset_states
 from keraslm.sampling import generate, make_sampler
+
+
+class InterruptCheck(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt after every batch once Ctrl-C or SIGTERM has arrived (cli.interrupted),
+    in case the first one was swallowed where Python cannot raise it (a finalizer)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        _raise_if_interrupted()
+
+    def on_test_batch_end(self, batch, logs=None):
+        _raise_if_interrupted()
+
+    def on_epoch_end(self, epoch, logs=None):
+        _raise_if_interrupted()
+
+
+def _raise_if_interrupted():
+    if cli.interrupted():
+        raise KeyboardInterrupt
 
 
 def learning_rate(model):

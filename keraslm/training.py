@@ -300,6 +300,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
 
     recorder = run_callbacks.RunRecorder(run, lambda r: save_checkpoint(r, model))
     callbacks = [
+        run_callbacks.InterruptCheck(),
         run_callbacks.StateResetter(),
         run_callbacks.PerplexityLogger(char_level=vocab.level == "char"),
         # Our own progress bar, so that the recorder's report prints after its last line.

@@ -328,3 +328,20 @@ def test_literal_reserved_words_are_the_reserved_tokens():
     ids = vocab.encode("a <eos> b <unk>\n")
     assert [vocab.tokens[i] for i in ids] == ["a", "<eos>", "b", "<unk>", "<eos>"]
     assert vocab.decode(ids) == "a\nb <unk>\n"
+
+
+def test_an_interrupt_lost_in_a_finalizer_is_raised_again_at_the_next_batch(monkeypatch):
+    """Ctrl-C is remembered as well as raised, so a KeyboardInterrupt that Python swallowed (raised
+    inside a __del__ it prints as "Exception ignored") still stops training at the next batch."""
+
+    from keraslm import callbacks, cli
+
+    monkeypatch.setattr(cli, "_interrupted", False)  # restored after the test
+    check = callbacks.InterruptCheck()
+    check.on_train_batch_end(0)  # no signal yet: nothing happens
+    with pytest.raises(KeyboardInterrupt):
+        cli._interrupt(signal.SIGINT, None)  # the handler run_main installs
+    assert cli.interrupted()
+    for callback in (check.on_train_batch_end, check.on_test_batch_end, check.on_epoch_end):
+        with pytest.raises(KeyboardInterrupt):
+            callback(1, logs={})
