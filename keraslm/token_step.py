@@ -36,9 +36,7 @@ class TokenStep:
 
     def __init__(self, twin, model_config):
         self.cell = model_config.cell
-        self.num_layers = model_config.num_layers
         self.layers = [twin.get_layer(f"rnn_{i}").cell for i in range(model_config.num_layers)]
-        self.kinds = ("h", "c") if self.cell == "lstm" else ("h",)
 
     def weights(self):
         """Per layer: (kernel blocks, recurrent-kernel blocks, bias) as float32 tensors."""
