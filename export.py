@@ -11,6 +11,17 @@ def parse_args(argv):
     p.add_argument("--version", type=int, help="version number (default: the next free integer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     p.add_argument("--check", action="store_true", help="print the parity figures of the checks")
+    limits = p.add_argument_group("serving limits (per request; recorded in keraslm.json)")
+    limits.add_argument(
+        "--max-new-tokens", type=int, help="largest max_new_tokens of a generate request (default 4096)"
+    )
+    limits.add_argument("--max-prompt-tokens", type=int, help="most tokens in one generate prompt (default 4096)")
+    limits.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        help="most rows × length in one request (default 65536, less for vocabularies over 4096 tokens"
+        " so that serving_default's float32 logits stay within 1 GiB)",
+    )
     return p.parse_args(argv)
 
 
@@ -18,7 +29,9 @@ def main(argv=None):
     args = parse_args(argv)
     from keraslm.export import export_run  # TensorFlow loads here, after the argument checks
 
-    version_dir, report = export_run(args.run_dir, args.out, args.name, args.version, args.overwrite)
+    limits = {"max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens}
+    limits["max_batch_tokens"] = args.max_batch_tokens
+    version_dir, report = export_run(args.run_dir, args.out, args.name, args.version, args.overwrite, limits)
     sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report["sizes"].items())
     print(f"exported {version_dir} in {report['seconds']:.1f} s ({sizes})")
     print(f"ONNX operators: {', '.join(report['onnx_ops'])}")

@@ -22,10 +22,14 @@ import tensorflow as tf
 
 from keraslm import __version__
 from keraslm.errors import UsageError
-from keraslm.model import build_model, keras_step, state_names
+from keraslm.limits import ServingLimits
+from keraslm.model import build_model, in_name, keras_step, state_names
 from keraslm.onnx_step import OPSET as ONNX_OPSET
 from keraslm.onnx_step import build_step_graph
 from keraslm.runs import load_run
+from keraslm.sampling import MIN_TEMPERATURE
+from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
+from keraslm.session_loader import SessionModel
 from keraslm.token_step import TokenStep
 
 PARITY_TOLERANCE = 1e-4
@@ -35,25 +39,28 @@ INT8_KL_TOLERANCE = 0.01
 FORMAT_VERSION = 1
 
 
-class ExportModule(tf.Module):
-    """The exported functions, as a tf.Module that tf.saved_model.save writes.
+class ServingFunctions:
+    """The exported signatures as tf.functions over the stateless twin's weights.
 
-    `step(tokens, h0_in, …)` is the serving_default signature; `generate(prompt, …)` tokenises,
-    primes the state with the whole prompt in one pass, and samples in a `tf.while_loop`.
+    `step(tokens, h0_in, …)` is serving_default; `generate(prompt, …)` tokenises, primes the
+    state with the whole prompt in one pass and samples in a `tf.while_loop`. Both check every
+    argument against `limits` before they allocate anything (see `_Checks`).
 
     Args:
         config: the run's RunConfig.
         vocab: its Vocabulary.
         twin: the stateless model (use_cudnn=False) with the trained weights.
+        limits: the ServingLimits the signatures enforce.
     """
 
-    def __init__(self, config, vocab, twin):
-        super().__init__()
+    def __init__(self, config, vocab, twin, limits):
         model_config = config.model
         self.model_config = model_config
+        self.limits = limits
         self.twin = twin
-        # The same layers (one copy of the weights) with a mask input, for prompts of different lengths.
-        self.masked_twin = build_model(model_config, use_cudnn=False, with_mask=True, layers_of=twin)
+        # The same layers (one copy of the weights) with a mask input and only the states as
+        # outputs, to prime prompts of different lengths without [B, T, V] logits.
+        self.primer = build_model(model_config, use_cudnn=False, with_mask=True, layers_of=twin)
         self.states = state_names(model_config)
         self.token_step = TokenStep(twin, model_config)
         self.level = vocab.level
@@ -84,17 +91,46 @@ class ExportModule(tf.Module):
         )
 
     def _step(self, tokens, *states):
+        checks = _Checks()
+        checks.require(
+            lambda: tf.equal(tf.rank(tokens), 2), "tokens must be [batch, length], got shape", tf.shape(tokens)
+        )
+        batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
+        checks.require(
+            lambda: (batch >= 1) & (length >= 1) & (batch * length <= self.limits.max_batch_tokens),
+            f"tokens must hold 1 to {self.limits.max_batch_tokens} ids (batch × length), at least 1 row and"
+            " 1 column; got shape",
+            tf.shape(tokens),
+        )
+        checks.require(
+            lambda: (tf.reduce_min(tokens) >= 0) & (tf.reduce_max(tokens) < self.vocabulary_size),
+            f"tokens must be ids in [0, {self.vocabulary_size}), got min and max",
+            lambda: tf.stack([tf.reduce_min(tokens), tf.reduce_max(tokens)]),
+        )
+        hidden = self.model_config.hidden_dim
+        for name, state in zip(self.states, states, strict=True):
+            checks.require(
+                lambda state=state: (
+                    tf.equal(tf.rank(state), 2) & tf.reduce_all(tf.equal(tf.shape(state), tf.stack([batch, hidden])))
+                ),
+                f"{name}_in must be [batch of tokens, {hidden}], got shape",
+                tf.shape(state),
+            )
+        tokens, *states = checks.passed(tokens, *states)
         inputs = {"tokens": tokens, **{f"{n}_in": s for n, s in zip(self.states, states, strict=True)}}
         return self.twin(inputs, training=False)  # {"logits": [B, T, V], "h0_out": [B, H], …}
 
-    def _encode(self, prompt, seed):
-        """Prompts to left-padded ids [B, T] and a mask; an empty prompt gets the start token."""
+    def _tokenize(self, prompt):
+        """Prompts [B] to ragged ids [B, (length)], as Vocabulary.encode splits them."""
         if self.level == "char":
             pieces = tf.strings.unicode_split(prompt, "UTF-8")
         else:
             pieces = tf.strings.split(tf.strings.regex_replace(prompt, "\n", " <eos> "))
         ids = tf.ragged.map_flat_values(self.table.lookup, pieces)
-        ids = tf.cast(tf.ragged.boolean_mask(ids, ids >= 0), tf.int32)  # char level: drop unknown
+        return tf.cast(tf.ragged.boolean_mask(ids, ids >= 0), tf.int32)  # char level: drop unknown
+
+    def _pad(self, ids, seed):
+        """Ragged ids to left-padded ids [B, T] and a mask; an empty prompt gets the start token."""
         lengths = ids.row_lengths()
         width = tf.maximum(tf.reduce_max(tf.concat([lengths, [0]], 0)), 1)
         # Right-align: reverse each row, pad on the right, reverse back.
@@ -112,7 +148,6 @@ class ExportModule(tf.Module):
 
     def _sample(self, logits, temperature, top_k, top_p, seed, t):
         """One token per row from logits [B, V]: greedy at temperature 0, else filtered sampling."""
-        scaled = logits / tf.maximum(temperature, 1e-6)
 
         def keep_top_k(scaled):
             kth = tf.math.top_k(scaled, tf.clip_by_value(top_k, 1, self.vocabulary_size)).values[:, -1:]
@@ -127,6 +162,7 @@ class ExportModule(tf.Module):
 
         def draw():
             # Each filter runs only when asked for: a sort per token costs as much as a layer.
+            scaled = logits / temperature  # >= MIN_TEMPERATURE here (checked)
             filtered = tf.cond(top_k > 0, lambda: keep_top_k(scaled), lambda: scaled)
             filtered = tf.cond(top_p < 1.0, lambda: keep_nucleus(filtered), lambda: filtered)
             key = tf.stack([seed, tf.cast(t, tf.int64)])
@@ -141,11 +177,15 @@ class ExportModule(tf.Module):
         c = self.model_config
         x = self.twin.get_layer("one_hot" if c.one_hot else "embedding")(ids)
         x, new_states = self.token_step(tf.cast(x, tf.float32), states, weights)
-        if c.tie_weights:
+        return self._project(x), new_states
+
+    def _project(self, x):
+        """Logits [B, V] in float32 from the top layer's output [B, H]."""
+        if self.model_config.tie_weights:
             logits = self.twin.get_layer("embedding")(x, reverse=True)
         else:
             logits = self.twin.get_layer("logits")(x)
-        return tf.cast(logits, tf.float32), new_states
+        return tf.cast(logits, tf.float32)
 
     def _decode(self, ids):
         pieces = tf.gather(self.tokens, ids)
@@ -154,14 +194,80 @@ class ExportModule(tf.Module):
         pieces = tf.where(tf.equal(pieces, "<eos>"), "\n", pieces)
         return tf.strings.regex_replace(tf.strings.reduce_join(pieces, axis=1, separator=" "), " ?\n ?", "\n")
 
+    def _check_request(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        """The generate arguments after every check on them passed (see _Checks)."""
+        limits, checks = self.limits, _Checks()
+        scalars = [max_new_tokens, temperature, top_k, top_p, seed]
+        checks.require(
+            lambda: tf.reduce_all(tf.equal([tf.rank(x) for x in scalars], 0)),
+            "max_new_tokens, temperature, top_k, top_p and seed must be scalars; their ranks are",
+            lambda: tf.stack([tf.rank(x) for x in scalars]),
+        )
+        batch = tf.size(prompt)
+        checks.require(
+            lambda: tf.equal(tf.rank(prompt), 1) & (batch >= 1) & (batch <= limits.max_batch_tokens),
+            f"prompt must be a list of 1 to {limits.max_batch_tokens} strings, got shape",
+            tf.shape(prompt),
+        )
+        checks.require(
+            lambda: (max_new_tokens >= 1) & (max_new_tokens <= limits.max_new_tokens),
+            f"max_new_tokens must be in [1, {limits.max_new_tokens}], got",
+            max_new_tokens,
+        )
+        checks.require(
+            lambda: batch * max_new_tokens <= limits.max_batch_tokens,
+            f"prompts × max_new_tokens must be at most {limits.max_batch_tokens}; got prompts, max_new_tokens",
+            lambda: tf.stack([batch, max_new_tokens]),
+        )
+        checks.require(
+            lambda: tf.equal(temperature, 0.0) | ((temperature >= MIN_TEMPERATURE) & tf.math.is_finite(temperature)),
+            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got",
+            temperature,
+        )
+        checks.require(lambda: top_k >= 0, "top_k must be >= 0 (0 = off), got", top_k)
+        checks.require(lambda: (top_p > 0.0) & (top_p <= 1.0), "top_p must be in (0, 1] (1 = off), got", top_p)
+        # Bytes first: they bound what tokenising allocates.
+        size = tf.strings.length(prompt)
+        checks.require(
+            lambda: tf.reduce_max(size) <= limits.max_prompt_bytes,
+            f"each prompt must be at most {limits.max_prompt_bytes} bytes, the longest has",
+            lambda: tf.reduce_max(size),
+        )
+        checks.require(
+            lambda: tf.reduce_sum(size) <= limits.max_request_bytes,
+            f"the prompts together must be at most {limits.max_request_bytes} bytes, got",
+            lambda: tf.reduce_sum(size),
+        )
+        prompt, *scalars = checks.passed(prompt, *scalars)
+        ids = self._tokenize(prompt)
+        lengths = ids.row_lengths()
+        longest = tf.cast(tf.reduce_max(lengths), tf.int32)
+        checks.require(
+            lambda: longest <= limits.max_prompt_tokens,
+            f"each prompt must be at most {limits.max_prompt_tokens} tokens, the longest has",
+            longest,
+        )
+        checks.require(
+            lambda: batch * tf.maximum(longest, 1) <= limits.max_batch_tokens,
+            f"prompts × longest prompt must be at most {limits.max_batch_tokens} tokens; got prompts, longest",
+            lambda: tf.stack([batch, longest]),
+        )
+        values, row_splits = checks.passed(ids.flat_values, ids.row_splits)
+        return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False), *scalars
+
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        tokens, mask = self._encode(prompt, seed)
+        ids, max_new_tokens, temperature, top_k, top_p, seed = self._check_request(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed
+        )
+        tokens, mask = self._pad(ids, seed)
         batch = tf.shape(tokens)[0]
-        zeros = tf.zeros([batch, self.twin.input["h0_in"].shape[-1]], tf.float32)
-        states = {f"{n}_in": zeros for n in self.states}
-        outputs = self.masked_twin({"tokens": tokens, "mask": mask, **states}, training=False)
-        logits = outputs.pop("logits")[:, -1]
-        states = {name.replace("_out", "_in"): value for name, value in outputs.items()}
+        zeros = tf.zeros([batch, self.model_config.hidden_dim], tf.float32)
+        states = self.primer(
+            {"tokens": tokens, "mask": mask, **{f"{n}_in": zeros for n in self.states}}, training=False
+        )
+        states = {in_name(name): value for name, value in states.items()}
+        # The top layer's last state is its output at the last position (prompts are left-padded).
+        logits = self._project(states[f"h{self.model_config.num_layers - 1}_in"])
 
         weights = self.token_step.weights()  # split once per call, outside the loop
 
@@ -170,14 +276,59 @@ class ExportModule(tf.Module):
             logits, states = self._one_token(next_ids, states, weights)
             return t + 1, logits, states, generated.write(t, next_ids)
 
-        count = tf.maximum(max_new_tokens, 0)
-        generated = tf.TensorArray(tf.int32, size=count, element_shape=[None])
-        _, _, _, generated = tf.while_loop(lambda t, *_: t < count, body, (0, logits, states, generated))
-        ids = tf.reshape(tf.transpose(generated.stack()), [batch, count])
+        # Grows with the tokens produced: a TensorArray of the requested size would reserve them all.
+        generated = tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None])
+        _, _, _, generated = tf.while_loop(lambda t, *_: t < max_new_tokens, body, (0, logits, states, generated))
+        ids = tf.reshape(tf.transpose(generated.stack()), [batch, max_new_tokens])
         return {"text": self._decode(ids), "tokens": ids}
 
 
-def artifact_description(config, vocab):
+class _Checks:
+    """In-graph argument checks, run one after another before anything they guard.
+
+    A failed check ends the call with InvalidArgument ("assertion failed: [message] [value]"),
+    which TF Serving returns to the client while it goes on serving. Conditions and values may be
+    callables: they are then built after the checks before them have passed, so a check can rely
+    on those (the token range is only read once the batch is known not to be empty).
+    """
+
+    def __init__(self):
+        self._last = []
+
+    def require(self, condition, message, value):
+        with tf.control_dependencies(self._last):
+            condition = condition() if callable(condition) else condition
+            value = value() if callable(value) else value
+            self._last = [tf.debugging.Assert(condition, [message, value], summarize=4)]
+
+    def passed(self, *tensors):
+        """`tensors`, readable only once every check so far has passed."""
+        with tf.control_dependencies(self._last):
+            return [tf.identity(t) for t in tensors]
+
+
+def write_saved_model(functions, path):
+    """Write the SavedModel of `functions` (a ServingFunctions) to `path`.
+
+    keras.export.ExportArchive saves exactly the variables the signatures read. Saving a tf.Module
+    that holds the Keras model instead writes each Keras 3 weight as an object of its own, which
+    TF Serving's loader restores into a copy the graph never reads (keras-team/keras#20095): the
+    model then fails there with "Could not find variable", although tf.saved_model.load runs it.
+    The model itself is not tracked, so each weight is stored once.
+    """
+    import keras
+
+    archive = keras.export.ExportArchive()
+    archive.track(functions.table)  # generate's vocabulary; the endpoints track the variables
+    archive.add_endpoint(STEP_SIGNATURE, functions.step)
+    archive.add_endpoint(GENERATE_SIGNATURE, functions.generate)
+    # Saving warns about the lookup table's initializer collection; it is harmless (the init op
+    # fills the table), so keep the export log clean.
+    tf.get_logger().setLevel("ERROR")
+    archive.write_out(path, verbose=False)
+
+
+def artifact_description(config, vocab, limits):
     """keraslm.json: what a client needs besides the model itself."""
     hidden = config.model.hidden_dim
     return {
@@ -185,6 +336,7 @@ def artifact_description(config, vocab):
         "keraslm_version": __version__,
         "config": config.to_dict(),
         "vocabulary": vocab.to_dict(),
+        "limits": limits.to_dict(),
         "onnx": {"path": "model.onnx", "opset": ONNX_OPSET},
         "onnx_int8": {"path": INT8_ONNX, "weights": "int8, ONNX Runtime dynamic quantization"},
         "inputs": {"tokens": {"dtype": "int32", "shape": [None, None]}}
@@ -255,8 +407,11 @@ def check_int8(version_dir, model_config, batch_size=4, length=32, seed=0):
     return figures
 
 
-def check_parity(version_dir, twin, model_config, batch_size=2, length=7, seed=0):
-    """Compare the SavedModel, ONNX and Keras steps on random tokens and states.
+def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
+    """Compare the session-loaded SavedModel, ONNX and Keras steps on random tokens and states.
+
+    Args:
+        model: the version as TF Serving loads it (a SessionModel).
 
     Returns the figures: max |Δ| of every output between backends, and of the logits between
     one call over the sequence and the state carried token by token. Raises UsageError over
@@ -272,10 +427,9 @@ def check_parity(version_dir, twin, model_config, batch_size=2, length=7, seed=0
     }
 
     keras_out = {k: np.asarray(v) for k, v in twin(feed, training=False).items()}
-    serving = tf.saved_model.load(version_dir).signatures["serving_default"]
-    saved_out = {k: v.numpy() for k, v in serving(**{k: tf.constant(v) for k, v in feed.items()}).items()}
+    saved_out = model.run(STEP_SIGNATURE, feed)
     session = onnxruntime.InferenceSession(
-        os.path.join(version_dir, "assets.extra", "model.onnx"), providers=["CPUExecutionProvider"]
+        os.path.join(model.version_dir, "assets.extra", "model.onnx"), providers=["CPUExecutionProvider"]
     )
     onnx_names = [o.name for o in session.get_outputs()]
     onnx_out = dict(zip(onnx_names, session.run(onnx_names, feed), strict=True))
@@ -295,6 +449,7 @@ def check_parity(version_dir, twin, model_config, batch_size=2, length=7, seed=0
         carried.append(logits)
     figures = {
         "savedmodel_vs_keras": max_diff(saved_out, keras_out),
+        "savedmodel_vs_onnx": max_diff(saved_out, onnx_out),
         "onnx_vs_keras": max_diff(onnx_out, keras_out),
         "carried_vs_whole_sequence": float(np.max(np.abs(np.concatenate(carried, 1) - keras_out["logits"]))),
     }
@@ -304,20 +459,51 @@ def check_parity(version_dir, twin, model_config, batch_size=2, length=7, seed=0
     return figures
 
 
+def check_generate(model, twin, model_config, vocab, num_tokens=8):
+    """Run the session-loaded `generate` greedily on two prompts of different lengths and follow
+    its tokens with the Keras step in a NumPy loop: each must be the step's most likely token
+    (to PARITY_TOLERANCE in logits, so a near-tie may go either way) and the text their decoding.
+
+    Returns the largest logit gap between a chosen token and the step's best. Raises UsageError.
+    """
+    specials = set(vocab.to_dict()["special_tokens"].values())
+    plain = [t for t in vocab.tokens if t not in specials and t.strip() == t and t]
+    separator = "" if vocab.level == "char" else " "
+    prompts = [separator.join(plain[:3]), plain[3 % len(plain)]]
+    out = model.run(GENERATE_SIGNATURE, generate_inputs(prompts, num_tokens, temperature=0.0))
+    step, zero = keras_step(twin, model_config, batch_size=1)
+    worst = 0.0
+    for row, prompt in enumerate(prompts):
+        chosen = out["tokens"][row]
+        logits, state = step(vocab.encode(prompt)[None, :], zero)
+        for token in chosen:
+            worst = max(worst, float(np.max(logits[0, -1]) - logits[0, -1, token]))
+            logits, state = step(np.array([[token]], np.int32), state)
+        if out["text"][row].decode("utf-8") != vocab.decode(chosen):
+            raise UsageError(f"generate check failed: its text for prompt {prompt!r} is not its tokens' decoding")
+    if worst > PARITY_TOLERANCE:
+        raise UsageError(f"generate check failed: a greedy token is {worst:.2e} below the step's best logit")
+    return worst
+
+
 def next_version(base_dir):
     """One more than the largest integer version in base_dir (1 when there is none)."""
     versions = [int(d) for d in os.listdir(base_dir) if d.isdigit()] if os.path.isdir(base_dir) else []
     return max(versions, default=0) + 1
 
 
-def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=False):
+def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=False, limits=None):
     """Export a run; return (version_dir, report) where report holds timings, sizes and parity.
+
+    Args:
+        limits: {limit name: value} overriding `ServingLimits.default` (None values keep it).
 
     Raises:
         UsageError: not a run; version exists without `overwrite`; conversion or parity failed.
     """
     started = time.perf_counter()
     config, vocab, twin = load_run(run_dir, use_cudnn=False)
+    limits = ServingLimits.default(len(vocab), **(limits or {}))
     name = name or os.path.basename(os.path.normpath(run_dir))
     base_dir = os.path.join(out, name)
     if version is not None and version < 1:
@@ -328,18 +514,19 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
 
     tmp = tempfile.mkdtemp(prefix=".export-", dir=base_dir)
     try:
-        module = ExportModule(config, vocab, twin)
-        # tf.saved_model.save warns about the lookup table's initializer collection; it is harmless
-        # (the table is restored through the object graph), so keep the export log clean.
-        tf.get_logger().setLevel("ERROR")
-        tf.saved_model.save(module, tmp, signatures={"serving_default": module.step, "generate": module.generate})
+        write_saved_model(ServingFunctions(config, vocab, twin, limits), tmp)
         extra = os.path.join(tmp, "assets.extra")
         os.makedirs(extra, exist_ok=True)
         onnx_proto = write_onnx(twin, config.model, os.path.join(extra, "model.onnx"))
         write_onnx_int8(os.path.join(extra, "model.onnx"), os.path.join(extra, INT8_ONNX))
         with open(os.path.join(extra, "keraslm.json"), "w", encoding="utf-8") as f:
-            json.dump(artifact_description(config, vocab), f, ensure_ascii=False, indent=1)
-        parity = check_parity(tmp, twin, config.model)
+            json.dump(artifact_description(config, vocab, limits), f, ensure_ascii=False, indent=1)
+        served = SessionModel(tmp)  # as TF Serving loads it: nothing it cannot run is published
+        try:
+            parity = check_parity(served, twin, config.model)
+            parity["generate_greedy_gap"] = check_generate(served, twin, config.model, vocab)
+        finally:
+            served.close()
         int8 = check_int8(tmp, config.model)
         version_dir = _publish(tmp, base_dir, version, overwrite)
     finally:

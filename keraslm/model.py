@@ -220,6 +220,11 @@ def state_names(model_config):
     return [f"{k}{i}" for i in range(model_config.num_layers) for k in kinds]
 
 
+def in_name(output_name):
+    """The input a state output feeds on the next call: "h0_out" -> "h0_in"."""
+    return output_name.removesuffix("_out") + "_in"
+
+
 def _initializers(model_config):
     """Initialisers per layer kind. "keras": Keras' defaults (uniform ±0.05 embedding, Glorot and
     orthogonal kernels, forget-gate bias 1). "torch": pytorch/examples' word_language_model, i.e.
@@ -272,8 +277,9 @@ def build_model(
             False builds the stateless twin: inputs {"tokens", "h0_in", ...}, outputs
             {"logits", "h0_out", ...}.
         use_cudnn: passed to LSTM and GRU; export uses False so the graph runs on any CPU.
-        with_mask: stateless only: add a boolean input "mask" [B, T]; masked steps leave the
-            state as it was (export primes prompts of different lengths, left-padded, with it).
+        with_mask: stateless only: add a boolean input "mask" [B, T], where masked steps leave the
+            state as it was, and return only the states (no logits): the prompt primer export
+            runs over prompts of different lengths, left-padded.
         layers_of: a stateless model built by this function whose layers (and so weights) the new
             model reuses instead of making its own.
 
@@ -355,6 +361,8 @@ def build_model(
     if stateful:
         return keras.Model(tokens, logits, name="keraslm")
     inputs = {"tokens": tokens, **state_inputs}
+    if with_mask:
+        return keras.Model(inputs, state_outputs, name="keraslm_primer")
     return keras.Model(inputs, {"logits": logits, **state_outputs}, name="keraslm_step")
 
 
@@ -388,6 +396,6 @@ def keras_step(twin, model_config, batch_size):
     def step(tokens, state):
         outputs = call({"tokens": tokens, **state})
         logits = np.asarray(outputs.pop("logits"))
-        return logits, {name[: -len("_out")] + "_in": np.asarray(value) for name, value in outputs.items()}
+        return logits, {in_name(name): np.asarray(value) for name, value in outputs.items()}
 
     return step, zero_state(model_config, batch_size)

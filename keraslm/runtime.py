@@ -80,9 +80,32 @@ class Backend:
         return {s["input"]: np.zeros((batch_size, s["shape"][-1]), np.float32) for s in self.states}
 
     def step(self, tokens, state):
-        """Run tokens [B, T] from `state`; return logits [B, T, V] and the state after them."""
-        outputs = self._run({"tokens": np.asarray(tokens, np.int32), **state})
+        """Run tokens [B, T] from `state`; return logits [B, T, V] and the state after them.
+
+        Raises:
+            UsageError: tokens not a non-empty [B, T] of ids in [0, V), or a state that is not
+                [B, H] for each of the model's states: ONNX Runtime would wrap negative ids
+                silently, and its LSTM and GRU kernels abort the process on an empty batch.
+        """
+        tokens = np.asarray(tokens)
+        self._check_inputs(tokens, state)
+        outputs = self._run({"tokens": tokens.astype(np.int32), **state})
         return np.asarray(outputs["logits"]), {s["input"]: np.asarray(outputs[s["output"]]) for s in self.states}
+
+    def _check_inputs(self, tokens, state):
+        size = len(self.vocab)
+        if tokens.ndim != 2 or 0 in tokens.shape:
+            raise UsageError(f"tokens must be a non-empty [batch, length] array, got shape {tokens.shape}")
+        if tokens.dtype.kind not in "iu" or tokens.min() < 0 or tokens.max() >= size:
+            raise UsageError(
+                f"tokens must be integer ids in [0, {size}), got {tokens.dtype} in [{tokens.min()}, {tokens.max()}]"
+            )
+        for s in self.states:
+            shape = (len(tokens), s["shape"][-1])
+            value = state.get(s["input"])
+            if value is None or np.shape(value) != shape:
+                got = "nothing" if value is None else np.shape(value)
+                raise UsageError(f"state {s['input']} must have shape {shape}, got {got}")
 
     def _run(self, inputs):
         raise NotImplementedError
@@ -115,36 +138,37 @@ class OnnxBackend(Backend):
 
 
 class SavedModelBackend(Backend):
-    """The SavedModel's serving_default signature through tf.saved_model.load."""
+    """The SavedModel's signatures, loaded as TF Serving loads them (see session_loader)."""
 
     def __init__(self, version_dir):
         _, vocab, states = load_description(version_dir)
         super().__init__(vocab, states)
-        import tensorflow as tf
+        from keraslm.serving import STEP_SIGNATURE
+        from keraslm.session_loader import SessionModel
 
-        try:
-            self.model = tf.saved_model.load(version_dir)
-        except Exception as e:  # TF raises OSError, DecodeError, … on a damaged saved_model.pb
-            raise UsageError(f"{version_dir}: the SavedModel cannot be loaded ({first_line(e)})") from None
-        self.signature = self.model.signatures["serving_default"]
-        _check_output_size(version_dir, self.signature.structured_outputs["logits"].shape[-1], vocab)
+        self.model = SessionModel(version_dir)
+        _check_output_size(version_dir, self.model.output_specs(STEP_SIGNATURE)["logits"][1][-1], vocab)
 
     def _run(self, inputs):
-        return {k: v.numpy() for k, v in self.signature(**inputs).items()}
+        from keraslm.serving import STEP_SIGNATURE
+
+        return self._request(STEP_SIGNATURE, inputs)
 
     def generate_in_graph(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
         """The `generate` signature: continuation texts and tokens, sampled inside the graph."""
-        import tensorflow as tf
+        from keraslm.serving import GENERATE_SIGNATURE, generate_inputs
 
-        out = self.model.signatures["generate"](
-            prompt=tf.constant(prompts, tf.string),
-            max_new_tokens=tf.constant(max_new_tokens, tf.int32),
-            temperature=tf.constant(temperature, tf.float32),
-            top_k=tf.constant(top_k, tf.int32),
-            top_p=tf.constant(top_p, tf.float32),
-            seed=tf.constant(seed, tf.int64),
-        )
-        return [t.decode("utf-8") for t in out["text"].numpy()], out["tokens"].numpy()
+        inputs = generate_inputs(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+        out = self._request(GENERATE_SIGNATURE, inputs)
+        return [t.decode("utf-8") for t in out["text"]], out["tokens"]
+
+    def _request(self, signature_name, inputs):
+        from keraslm.session_loader import RequestError
+
+        try:
+            return self.model.run(signature_name, inputs)
+        except RequestError as e:
+            raise UsageError(f"the SavedModel refused the request: {e}") from None
 
 
 class KerasBackend(Backend):
@@ -161,7 +185,12 @@ class KerasBackend(Backend):
         ]
         super().__init__(vocab, states)
         # The model's own step, traced once per shape (see keras_step).
-        self.step, _ = keras_step(model, config.model, batch_size=1)
+        self._keras_step, _ = keras_step(model, config.model, batch_size=1)
+
+    def step(self, tokens, state):
+        tokens = np.asarray(tokens)
+        self._check_inputs(tokens, state)
+        return self._keras_step(tokens.astype(np.int32), state)
 
 
 class TFServingBackend(Backend):

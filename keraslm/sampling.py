@@ -8,6 +8,10 @@ import numpy as np
 
 from keraslm.errors import UsageError
 
+# The smallest temperature that samples: below it, logits / temperature overflows float32 logits
+# (and float64 soon after) and every draw is garbage. 0 means greedy; anything in between is refused.
+MIN_TEMPERATURE = 1e-3
+
 
 class Sampler:
     """Picks the next token of each row from logits [B, V].
@@ -98,8 +102,8 @@ SAMPLERS = {"greedy": GreedySampler, "random": Sampler, "top_k": TopKSampler, "t
 
 def make_sampler(temperature=1.0, top_k=0, top_p=1.0):
     """The sampler for command-line settings: temperature 0 is greedy; top-k 0 and top-p 1 are off."""
-    if not temperature >= 0:
-        raise UsageError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < np.inf):
+        raise UsageError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
     if top_k < 0:
         raise UsageError(f"top-k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:

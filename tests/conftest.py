@@ -1,5 +1,7 @@
-"""Shared fixtures: paths to the corpora in ../shared/data and a runner for the scripts."""
+"""Shared fixtures: paths to the corpora in ../shared/data, a runner for the scripts, tiny runs,
+and a TF Serving stand-in over a session-loaded model."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -39,7 +41,9 @@ def error_lines(stderr):
     ]
 
 
-def make_run(directory, cell="lstm", num_layers=1, level="char", hidden_dim=16, **train_overrides):
+def make_run(
+    directory, cell="lstm", num_layers=1, level="char", hidden_dim=16, model_overrides=None, **train_overrides
+):
     """Train a tiny model for two windows (in-process) and return its run directory."""
     from keraslm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from keraslm.training import train
@@ -49,10 +53,36 @@ def make_run(directory, cell="lstm", num_layers=1, level="char", hidden_dim=16, 
     source = TINY_SHAKESPEARE_DIR / "input.txt" if level == "char" else WIKITEXT_DIR / "train.txt"
     corpus.write_text(source.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     config = RunConfig(
-        model=ModelConfig(cell=cell, num_layers=num_layers, embedding_dim=8, hidden_dim=hidden_dim),
+        model=ModelConfig(
+            cell=cell, num_layers=num_layers, embedding_dim=8, hidden_dim=hidden_dim, **(model_overrides or {})
+        ),
         data=DataConfig(source=str(corpus), level=level),
         train=TrainConfig(batch_size=4, bptt=10, epochs=1, sample_tokens=0, **train_overrides),
     )
     run_dir = directory / "run"
     train(config, str(run_dir), dry_run=True, verbose=0)
     return run_dir
+
+
+@contextlib.contextmanager
+def tf_serving_double(version_dir, model_name="lm"):
+    """Serve an export from tests/tf_serving_double.py (session-loaded, as TF Serving loads it);
+    yield (REST URL, gRPC URL, the server's Popen)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "tf_serving_double.py"), str(version_dir), model_name],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        rest_port, grpc_port = server.stdout.readline().split()
+        yield f"http://127.0.0.1:{rest_port}", f"grpc://127.0.0.1:{grpc_port}", server
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -12,10 +12,13 @@ import tf2onnx
 from conftest import error_lines, make_run, run_script
 
 from keraslm.errors import UsageError
-from keraslm.export import ExportModule, export_run
+from keraslm.export import ServingFunctions, export_run
+from keraslm.limits import ServingLimits
 from keraslm.model import keras_step
 from keraslm.runs import load_run
 from keraslm.sampling import GreedySampler, generate
+from keraslm.serving import generate_inputs
+from keraslm.session_loader import SessionModel
 
 
 @pytest.mark.parametrize("level", ["char", "word"])
@@ -41,12 +44,14 @@ def test_export_reloads_with_parity(tmp_path, cell, num_layers, level):
         "tokens": np.array([[1, 2, 3, 4, 5]] * 3, np.int32),
         **{f"{n}_in": np.zeros((3, 16), np.float32) for n in names},
     }
-    logits = session.run(["logits"], feed)[0]
+    onnx_outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+    logits = onnx_outputs["logits"]
     assert logits.shape == (3, 5, description["config"]["model"]["vocabulary_size"])
 
-    serving = tf.saved_model.load(version_dir).signatures["serving_default"]
-    saved = serving(**{k: tf.constant(v) for k, v in feed.items()})
-    np.testing.assert_allclose(saved["logits"].numpy(), logits, atol=1e-4)
+    # The SavedModel as TF Serving loads it (graph-mode session, signatures by tensor names).
+    saved = SessionModel(version_dir).run("serving_default", feed)
+    for name, value in onnx_outputs.items():
+        np.testing.assert_allclose(saved[name], value, atol=1e-4)
 
     # The graph runs the cell as one fused ONNX operator, and agrees with an independent
     # conversion of the same step function by tf2onnx (which leaves GRU and RNN as a Loop).
@@ -62,7 +67,7 @@ def test_export_reloads_with_parity(tmp_path, cell, num_layers, level):
     int8_logits = onnxruntime.InferenceSession(int8_path).run(["logits"], feed)[0]
     assert int8_logits.shape == logits.shape and 0 < np.max(np.abs(int8_logits - logits)) < 0.1
     config, vocab, twin = load_run(str(run_dir), use_cudnn=False)
-    module = ExportModule(config, vocab, twin)
+    module = ServingFunctions(config, vocab, twin, ServingLimits.default(len(vocab)))
     reference, _ = tf2onnx.convert.from_function(module.step, input_signature=module.step.input_signature, opset=17)
     reference_session = onnxruntime.InferenceSession(reference.SerializeToString())
     np.testing.assert_allclose(reference_session.run(["logits"], feed)[0], logits, atol=1e-5)
@@ -90,19 +95,13 @@ def exported(tmp_path_factory):
     run_dir = make_run(base, "lstm", 2, "char")
     version_dir, _ = export_run(str(run_dir), out=str(base / "models"), name="lm")
     config, vocab, twin = load_run(str(run_dir))
-    return tf.saved_model.load(version_dir).signatures["generate"], config, vocab, twin
+    return SessionModel(version_dir), config, vocab, twin
 
 
-def call_generate(signature, prompts, max_new_tokens=12, temperature=0.8, top_k=0, top_p=1.0, seed=1):
-    out = signature(
-        prompt=tf.constant(prompts),
-        max_new_tokens=tf.constant(max_new_tokens, tf.int32),
-        temperature=tf.constant(temperature, tf.float32),
-        top_k=tf.constant(top_k, tf.int32),
-        top_p=tf.constant(top_p, tf.float32),
-        seed=tf.constant(seed, tf.int64),
-    )
-    return [t.decode() for t in out["text"].numpy()], out["tokens"].numpy()
+def call_generate(model, prompts, max_new_tokens=12, temperature=0.8, top_k=0, top_p=1.0, seed=1):
+    """The generate signature as TF Serving runs it."""
+    out = model.run("generate", generate_inputs(prompts, max_new_tokens, temperature, top_k, top_p, seed))
+    return [t.decode() for t in out["text"]], out["tokens"]
 
 
 def test_generate_same_seed_same_text_and_seeds_differ(exported):

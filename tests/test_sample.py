@@ -1,16 +1,11 @@
 """sample.py and its backends on a real export: ONNX Runtime, SavedModel, Keras, and TF Serving's protocols."""
 
-import json
 import os
 import socket
-import threading
-from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import error_lines, make_run, run_script
+from conftest import error_lines, make_run, run_script, tf_serving_double
 
 from keraslm.export import export_run
 from keraslm.runtime import open_backend
@@ -147,73 +142,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-class RestDouble(BaseHTTPRequestHandler):
-    """TF Serving's REST predict API (columnar inputs/outputs), answered by the SavedModel itself."""
-
-    model = None
-
-    def do_POST(self):
-        if not self.path.startswith("/v1/models/lm") or not self.path.endswith(":predict"):
-            return self._reply(404, {"error": f"Servable not found for request: {self.path}"})
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        signature = self.model.signatures[body["signature_name"]]
-        specs = signature.structured_input_signature[1]
-        outputs = signature(**{k: tf.constant(v, specs[k].dtype) for k, v in body["inputs"].items()})
-        self._reply(200, {"outputs": {k: v.numpy().tolist() for k, v in outputs.items()}})
-
-    def _reply(self, code, body):
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-def test_tf_serving_rest_and_grpc_against_local_doubles(model):
-    import grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
+def test_tf_serving_rest_and_grpc_against_a_session_loaded_double(model):
     _, version_dir = model
-    loaded = tf.saved_model.load(version_dir)
-    RestDouble.model = loaded
-    http = ThreadingHTTPServer(("127.0.0.1", free_port()), RestDouble)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-
-    class PredictionDouble(prediction_service_pb2_grpc.PredictionServiceServicer):
-        def Predict(self, request, context):
-            if request.model_spec.name != "lm":
-                context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found: {request.model_spec.name}")
-            signature = loaded.signatures[request.model_spec.signature_name or "serving_default"]
-            inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
-            response = predict_pb2.PredictResponse()
-            for k, v in signature(**inputs).items():
-                response.outputs[k].CopyFrom(tf.make_tensor_proto(v.numpy()))
-            return response
-
-    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionDouble(), grpc_server)
-    grpc_port = grpc_server.add_insecure_port("127.0.0.1:0")
-    grpc_server.start()
-    try:
-        local = run_script("sample.py", version_dir, "--prompt", "First:", "--num-tokens", "15", "--seed", "2")
-        for server in (f"http://127.0.0.1:{http.server_port}", f"grpc://127.0.0.1:{grpc_port}"):
+    local = run_script("sample.py", version_dir, "--prompt", "First:", "--num-tokens", "15", "--seed", "2")
+    with tf_serving_double(version_dir) as (rest, grpc, _):
+        for server in (rest, grpc):
             remote = run_script(
-                "sample.py",
-                version_dir,
-                "--backend",
-                "tf-serving",
-                "--server",
-                server,
-                "--prompt",
-                "First:",
-                "--num-tokens",
-                "15",
-                "--seed",
-                "2",
+                *("sample.py", version_dir, "--backend", "tf-serving", "--server", server),
+                *("--prompt", "First:", "--num-tokens", "15", "--seed", "2"),
             )
             assert remote.returncode == 0, remote.stderr
             assert remote.stdout == local.stdout
@@ -222,9 +158,6 @@ def test_tf_serving_rest_and_grpc_against_local_doubles(model):
             )
             lines = error_lines(wrong.stderr)
             assert wrong.returncode == 2 and len(lines) == 1 and "TF Serving" in lines[0], wrong.stderr
-    finally:
-        http.shutdown()
-        grpc_server.stop(0)
 
 
 def test_unreachable_server(model):
