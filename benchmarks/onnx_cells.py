@@ -21,7 +21,8 @@ import onnxruntime  # noqa: E402
 import tf2onnx  # noqa: E402
 from generation import build_model  # noqa: E402 (also puts the project on sys.path)
 
-from keraslm.export import ExportModule  # noqa: E402
+from keraslm.export import ServingFunctions  # noqa: E402
+from keraslm.limits import ServingLimits  # noqa: E402
 from keraslm.model import state_names  # noqa: E402
 from keraslm.runs import load_run  # noqa: E402
 
@@ -50,7 +51,7 @@ def main():
     for cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
         run_dir, version_dir = build_model(args.hidden_dim, cell)
         config, vocab, twin = load_run(run_dir, use_cudnn=False)
-        module = ExportModule(config, vocab, twin)
+        module = ServingFunctions(config, vocab, twin, ServingLimits.default(len(vocab)))
         reference, _ = tf2onnx.convert.from_function(module.step, input_signature=module.step.input_signature, opset=17)
         graphs = {
             "keraslm model.onnx": open(os.path.join(version_dir, "assets.extra", "model.onnx"), "rb").read(),
