@@ -160,11 +160,16 @@ def test_window_kernels_in_bfloat16_follow_float32(cell):
 
     expected_out, expected_grads = run(tf.float32)
     low_out, low_grads = run(tf.bfloat16)
+    # Relative error over each whole tensor: relu's derivative jumps at 0, so a pre-activation that
+    # bfloat16 rounding moves across 0 changes single gradient entries by a lot. On a CPU without
+    # bfloat16 units (AMD EPYC here, 2026-11-30) that took the largest relu entry 7.6% off while
+    # each tensor as a whole stayed within 1.9%; the smooth cells stay within 0.6% either way.
+    tolerance = 0.03 if cell == "rnn_relu" else 0.01
     for expected, got in zip([*expected_out, *expected_grads], [*low_out, *low_grads], strict=True):
         assert got.dtype == tf.bfloat16
         got, expected = tf.cast(got, tf.float32).numpy(), expected.numpy()
-        scale = np.abs(expected).max()
-        assert np.abs(got - expected).max() <= 0.02 * scale, (np.abs(got - expected).max(), scale)
+        error = np.linalg.norm(got - expected) / np.linalg.norm(expected)
+        assert error <= tolerance, (got.shape, error)
 
 
 @pytest.mark.parametrize("hidden_dim", [5, 9])
