@@ -125,7 +125,7 @@ def test_damaged_artifacts(tmp_path, exported):
 
     pb_case = copy_tree(version_dir, tmp_path / "pb" / "1")
     (pb_case / "saved_model.pb").write_bytes(b"\x08garbage" * 10)
-    assert_one_line_error(run_script("sample.py", pb_case, "--backend", "savedmodel"), "SavedModel cannot be loaded")
+    assert_one_line_error(run_script("sample.py", pb_case, "--backend", "savedmodel"), "cannot load the SavedModel")
 
     keras_case = copy_tree(run_dir, tmp_path / "run")
     model = keras_case / "model.keras"

@@ -52,9 +52,9 @@ def step_feed(version_dir, tokens, seed=0):
     "cell, level, kwargs",
     [
         ("lstm", "word", {"hidden_dim": 8, "model_overrides": {"tie_weights": True}}),
-        ("gru", "char", {"model_overrides": {"one_hot": True}}),
+        pytest.param("gru", "char", {"model_overrides": {"one_hot": True}}, marks=pytest.mark.slow),
         ("lstm", "char", {"mixed_precision": True}),
-        ("rnn_relu", "word", {"mixed_precision": True}),
+        pytest.param("rnn_relu", "word", {"mixed_precision": True}, marks=pytest.mark.slow),
     ],
     ids=["tied", "one-hot", "mixed-precision-lstm", "mixed-precision-rnn"],
 )
@@ -97,7 +97,10 @@ def saved_model_cli(version_dir, signature, outdir, inputs="", input_exprs=""):
     return {f[: -len(".npy")]: np.load(os.path.join(outdir, f), allow_pickle=True) for f in os.listdir(outdir)}
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+# LSTM in the default run; every cell with -m slow.
+@pytest.mark.parametrize(
+    "cell", ["lstm", *(pytest.param(c, marks=pytest.mark.slow) for c in ("gru", "rnn_tanh", "rnn_relu"))]
+)
 def test_saved_model_cli_runs_both_signatures(tmp_path, cell):
     version_dir = export(tmp_path, cell)
     feed = step_feed(version_dir, [[1, 2, 3], [4, 5, 6]])
