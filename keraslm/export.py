@@ -29,7 +29,7 @@ from keraslm.onnx_step import build_step_graph
 from keraslm.runs import load_run
 from keraslm.sampling import MIN_TEMPERATURE
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
-from keraslm.session_loader import SessionModel
+from keraslm.session_loader import RequestError, ServingError, SessionModel
 from keraslm.token_step import TokenStep
 
 PARITY_TOLERANCE = 1e-4
@@ -525,6 +525,8 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
         try:
             parity = check_parity(served, twin, config.model)
             parity["generate_greedy_gap"] = check_generate(served, twin, config.model, vocab)
+        except (RequestError, ServingError) as e:
+            raise UsageError(f"export check failed: TF Serving's loader cannot run the new version ({e})") from None
         finally:
             served.close()
         int8 = check_int8(tmp, config.model)

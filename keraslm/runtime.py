@@ -163,12 +163,14 @@ class SavedModelBackend(Backend):
         return [t.decode("utf-8") for t in out["text"]], out["tokens"]
 
     def _request(self, signature_name, inputs):
-        from keraslm.session_loader import RequestError
+        from keraslm.session_loader import RequestError, ServingError
 
         try:
             return self.model.run(signature_name, inputs)
         except RequestError as e:
             raise UsageError(f"the SavedModel refused the request: {e}") from None
+        except ServingError as e:
+            raise UsageError(f"the SavedModel fails under TF Serving's loader ({e}); export the run again") from None
 
 
 class KerasBackend(Backend):

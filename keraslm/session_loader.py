@@ -19,6 +19,10 @@ class RequestError(ValueError):
     """A request the model refused (TF's InvalidArgument); TF Serving returns it to the client."""
 
 
+class ServingError(RuntimeError):
+    """The model itself failed under TF Serving's loader (say, a variable that was never restored)."""
+
+
 class SessionModel:
     """A SavedModel in a `tf.compat.v1.Session`, as TF Serving runs it.
 
@@ -62,6 +66,7 @@ class SessionModel:
         Raises:
             RequestError: the inputs do not match the signature, or the model refused them
                 (an InvalidArgument from its argument checks), with TF's message.
+            ServingError: any other failure of the model, which TF Serving would meet too.
         """
         signature = self._signature(signature_name)
         if set(inputs) != set(signature.inputs):
@@ -74,6 +79,8 @@ class SessionModel:
             return self.session.run(fetches, feed)
         except (tf.errors.InvalidArgumentError, ValueError) as e:
             raise RequestError(_message(e)) from None
+        except tf.errors.OpError as e:  # the model's fault, not the request's: TF Serving fails too
+            raise ServingError(f"{type(e).__name__}: {_message(e)}") from None
 
     def close(self):
         """Release the session's resources."""
@@ -91,10 +98,9 @@ def _spec(info):
 
 
 def _message(error):
-    """TF's error text without the graph-execution preamble and the op traceback after it."""
+    """The line of TF's error text that says what failed, without the graph-execution preamble,
+    the op traceback and the node annotations."""
     text = getattr(error, "message", str(error))
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in lines:
-        if "assertion failed:" in line or "must be" in line:
-            return line
-    return lines[0] if lines else type(error).__name__
+    noise = ("Graph execution error", "Detected at node", "File ", "[[", "Debug info")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(noise)]
+    return next((line for line in lines if "assertion failed:" in line), lines[0] if lines else type(error).__name__)

@@ -22,6 +22,7 @@ import tensorflow as tf
 from conftest import ROOT, error_lines, make_run, run_script, tf_serving_double
 
 from keraslm import serving
+from keraslm.errors import UsageError
 from keraslm.export import export_run
 from keraslm.runs import load_run
 from keraslm.sampling import GreedySampler, generate
@@ -82,6 +83,25 @@ def test_every_kind_of_model_runs_under_tf_servings_loader(tmp_path, cell, level
     np.testing.assert_array_equal(
         out["tokens"], generate(step, vocab.encode(prompt)[None, :], state, 10, GreedySampler(), None)
     )
+
+
+def test_an_export_tf_serving_cannot_run_is_never_published(tmp_path, monkeypatch):
+    """The check before publishing loads the version as TF Serving does. Saved the way keraslm did
+    before (the Keras model inside a plain tf.Module), every weight restores into a copy the graph
+    never reads, and the export must stop there."""
+    import keraslm.export
+
+    def through_a_plain_module(functions, path):
+        module = tf.Module()
+        module.twin, module.table = functions.twin, functions.table
+        signatures = {"serving_default": functions.step, "generate": functions.generate}
+        tf.saved_model.save(module, path, signatures=signatures)
+
+    monkeypatch.setattr(keraslm.export, "write_saved_model", through_a_plain_module)
+    run_dir = make_run(tmp_path)
+    with pytest.raises(UsageError, match="TF Serving's loader cannot run the new version.*Could not find variable"):
+        export_run(str(run_dir), out=str(tmp_path / "m"), name="lm")
+    assert os.listdir(tmp_path / "m" / "lm") == []
 
 
 def saved_model_cli(version_dir, signature, outdir, inputs="", input_exprs=""):

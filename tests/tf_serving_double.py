@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from keraslm.session_loader import RequestError, SessionModel
+from keraslm.session_loader import RequestError, ServingError, SessionModel
 
 
 def rest_handler(model, model_name):
@@ -40,6 +40,8 @@ def rest_handler(model, model_name):
                 outputs = model.run(name, inputs)
             except RequestError as e:
                 return self._reply(400, {"error": str(e)})
+            except ServingError as e:
+                return self._reply(500, {"error": str(e)})
             self._reply(200, {"outputs": {k: _json(v) for k, v in outputs.items()}})
 
         def _reply(self, code, body):
@@ -68,6 +70,8 @@ def prediction_service(model, model_name):
                 outputs = model.run(request.model_spec.signature_name or "serving_default", inputs)
             except RequestError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except ServingError as e:
+                context.abort(grpc.StatusCode.INTERNAL, str(e))
             response = predict_pb2.PredictResponse()
             for k, v in outputs.items():
                 response.outputs[k].CopyFrom(tf.make_tensor_proto(v))
