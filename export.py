@@ -29,8 +29,7 @@ def main(argv=None):
     args = parse_args(argv)
     from keraslm.export import export_run  # TensorFlow loads here, after the argument checks
 
-    limits = {"max_new_tokens": args.max_new_tokens, "max_prompt_tokens": args.max_prompt_tokens}
-    limits["max_batch_tokens"] = args.max_batch_tokens
+    limits = {name: getattr(args, name) for name in ("max_new_tokens", "max_prompt_tokens", "max_batch_tokens")}
     version_dir, report = export_run(args.run_dir, args.out, args.name, args.version, args.overwrite, limits)
     sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report["sizes"].items())
     print(f"exported {version_dir} in {report['seconds']:.1f} s ({sizes})")

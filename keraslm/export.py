@@ -91,15 +91,13 @@ class ServingFunctions:
         )
 
     def _step(self, tokens, *states):
-        checks = _Checks()
-        checks.require(
-            lambda: tf.equal(tf.rank(tokens), 2), "tokens must be [batch, length], got shape", tf.shape(tokens)
-        )
+        # No rank checks: Grappler folds tf.rank to the signature's static rank, and a tensor fed
+        # with another rank already fails TF's own shape checks with InvalidArgument (test_c_api).
+        checks, limit, hidden = _Checks(), self.limits.max_batch_tokens, self.model_config.hidden_dim
         batch, length = tf.shape(tokens)[0], tf.shape(tokens)[1]
         checks.require(
-            lambda: (batch >= 1) & (length >= 1) & (batch * length <= self.limits.max_batch_tokens),
-            f"tokens must hold 1 to {self.limits.max_batch_tokens} ids (batch × length), at least 1 row and"
-            " 1 column; got shape",
+            (batch >= 1) & (length >= 1) & (batch * length <= limit),
+            f"tokens must hold 1 to {limit} ids (batch × length), at least 1 row and 1 column; got shape",
             tf.shape(tokens),
         )
         checks.require(
@@ -107,12 +105,9 @@ class ServingFunctions:
             f"tokens must be ids in [0, {self.vocabulary_size}), got min and max",
             lambda: tf.stack([tf.reduce_min(tokens), tf.reduce_max(tokens)]),
         )
-        hidden = self.model_config.hidden_dim
         for name, state in zip(self.states, states, strict=True):
             checks.require(
-                lambda state=state: (
-                    tf.equal(tf.rank(state), 2) & tf.reduce_all(tf.equal(tf.shape(state), tf.stack([batch, hidden])))
-                ),
+                tf.reduce_all(tf.equal(tf.shape(state), tf.stack([batch, hidden]))),
                 f"{name}_in must be [batch of tokens, {hidden}], got shape",
                 tf.shape(state),
             )
@@ -198,14 +193,10 @@ class ServingFunctions:
         """The generate arguments after every check on them passed (see _Checks)."""
         limits, checks = self.limits, _Checks()
         scalars = [max_new_tokens, temperature, top_k, top_p, seed]
-        checks.require(
-            lambda: tf.reduce_all(tf.equal([tf.rank(x) for x in scalars], 0)),
-            "max_new_tokens, temperature, top_k, top_p and seed must be scalars; their ranks are",
-            lambda: tf.stack([tf.rank(x) for x in scalars]),
-        )
+        # No rank checks: see _step (a scalar fed as [n] fails TF's own checks with InvalidArgument).
         batch = tf.size(prompt)
         checks.require(
-            lambda: tf.equal(tf.rank(prompt), 1) & (batch >= 1) & (batch <= limits.max_batch_tokens),
+            lambda: (batch >= 1) & (batch <= limits.max_batch_tokens),
             f"prompt must be a list of 1 to {limits.max_batch_tokens} strings, got shape",
             tf.shape(prompt),
         )

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from keraslm import serving
 from keraslm.errors import UsageError, first_line
 from keraslm.vocab import Vocabulary
 
@@ -89,7 +90,10 @@ class Backend:
         """
         tokens = np.asarray(tokens)
         self._check_inputs(tokens, state)
-        outputs = self._run({"tokens": tokens.astype(np.int32), **state})
+        return self._step(tokens.astype(np.int32), state)
+
+    def _step(self, tokens, state):
+        outputs = self._run({"tokens": tokens, **state})
         return np.asarray(outputs["logits"]), {s["input"]: np.asarray(outputs[s["output"]]) for s in self.states}
 
     def _check_inputs(self, tokens, state):
@@ -143,23 +147,18 @@ class SavedModelBackend(Backend):
     def __init__(self, version_dir):
         _, vocab, states = load_description(version_dir)
         super().__init__(vocab, states)
-        from keraslm.serving import STEP_SIGNATURE
         from keraslm.session_loader import SessionModel
 
         self.model = SessionModel(version_dir)
-        _check_output_size(version_dir, self.model.output_specs(STEP_SIGNATURE)["logits"][1][-1], vocab)
+        _check_output_size(version_dir, self.model.output_specs(serving.STEP_SIGNATURE)["logits"][1][-1], vocab)
 
     def _run(self, inputs):
-        from keraslm.serving import STEP_SIGNATURE
-
-        return self._request(STEP_SIGNATURE, inputs)
+        return self._request(serving.STEP_SIGNATURE, inputs)
 
     def generate_in_graph(self, prompts, max_new_tokens, temperature, top_k, top_p, seed):
         """The `generate` signature: continuation texts and tokens, sampled inside the graph."""
-        from keraslm.serving import GENERATE_SIGNATURE, generate_inputs
-
-        inputs = generate_inputs(prompts, max_new_tokens, temperature, top_k, top_p, seed)
-        out = self._request(GENERATE_SIGNATURE, inputs)
+        inputs = serving.generate_inputs(prompts, max_new_tokens, temperature, top_k, top_p, seed)
+        out = self._request(serving.GENERATE_SIGNATURE, inputs)
         return [t.decode("utf-8") for t in out["text"]], out["tokens"]
 
     def _request(self, signature_name, inputs):
@@ -187,12 +186,7 @@ class KerasBackend(Backend):
         ]
         super().__init__(vocab, states)
         # The model's own step, traced once per shape (see keras_step).
-        self._keras_step, _ = keras_step(model, config.model, batch_size=1)
-
-    def step(self, tokens, state):
-        tokens = np.asarray(tokens)
-        self._check_inputs(tokens, state)
-        return self._keras_step(tokens.astype(np.int32), state)
+        self._step, _ = keras_step(model, config.model, batch_size=1)
 
 
 class TFServingBackend(Backend):
@@ -220,8 +214,6 @@ class TFServingBackend(Backend):
             raise UsageError(f"--server {server!r}: give http://host:8501 (REST) or grpc://host:8500")
 
     def _run(self, inputs):
-        from keraslm import serving
-
         if self.server.startswith("grpc://"):
             import grpc
 
@@ -235,8 +227,6 @@ class TFServingBackend(Backend):
     def _post(self, body):
         import urllib.error
         import urllib.request
-
-        from keraslm import serving
 
         url = self.server + serving.predict_path(self.model_name, self.version)
         request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})

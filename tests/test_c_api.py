@@ -194,3 +194,41 @@ def test_an_out_of_vocabulary_token_is_a_clean_invalid_argument(c_client, export
     assert done.stdout == ""
     errors = error_messages(done.stderr)
     assert len(errors) == 1 and errors[0].startswith("error: INVALID_ARGUMENT: "), done.stderr
+
+
+def test_inputs_of_another_rank_are_a_clean_invalid_argument(c_client, export):
+    """TF Serving feeds a tensor with the shape the client sent, whatever the signature declares;
+    every such request must end in an error, not a crash."""
+    version_dir, description = export
+    step_inputs, step_outputs = signature_tensors(version_dir, "serving_default")
+    generate_inputs, generate_outputs = signature_tensors(version_dir, "generate")
+    step = step_feed(description, batch_size=1, length=3)
+    request = {
+        "prompt": np.array([b"ab"], dtype=object),
+        "max_new_tokens": np.int32(4),
+        "temperature": np.float32(0.0),
+        "top_k": np.int32(0),
+        "top_p": np.float32(1.0),
+        "seed": np.int64(0),
+    }
+    cases = [
+        ("serving_default", step | {"tokens": step["tokens"][0]}),
+        ("serving_default", step | {"h0_in": step["h0_in"][None]}),
+        ("generate", request | {"max_new_tokens": np.array([4, 5], np.int32)}),
+        ("generate", request | {"temperature": np.array([0.5, 0.5], np.float32)}),
+        ("generate", request | {"prompt": np.array(b"ab", dtype=object)}),
+        ("generate", request | {"prompt": np.array([[b"ab"]], dtype=object)}),
+    ]
+    for signature, feed in cases:
+        inputs, outputs = (
+            (step_inputs, step_outputs)
+            if signature == "serving_default"
+            else (
+                generate_inputs,
+                generate_outputs,
+            )
+        )
+        done = run_request(c_client, version_dir, {inputs[k]: v for k, v in feed.items()}, list(outputs.values()))
+        errors = error_messages(done.stderr)
+        assert done.returncode == 1 and len(errors) == 1, (signature, done.returncode, done.stderr)
+        assert errors[0].startswith("error: INVALID_ARGUMENT: "), (signature, errors)

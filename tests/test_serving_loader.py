@@ -24,6 +24,7 @@ from conftest import ROOT, error_lines, make_run, run_script, tf_serving_double
 from keraslm import serving
 from keraslm.errors import UsageError
 from keraslm.export import export_run
+from keraslm.model import keras_step
 from keraslm.runs import load_run
 from keraslm.sampling import GreedySampler, generate
 from keraslm.session_loader import SessionModel
@@ -77,8 +78,6 @@ def test_every_kind_of_model_runs_under_tf_servings_loader(tmp_path, cell, level
     # generate, greedy, follows the model's own argmax continuation.
     prompt = " ".join(vocab.tokens[5:8]) if level == "word" else "".join(vocab.tokens[5:8])
     out = model.run("generate", serving.generate_inputs([prompt], 10, temperature=0.0))
-    from keraslm.model import keras_step
-
     step, state = keras_step(twin, config.model, batch_size=1)
     np.testing.assert_array_equal(
         out["tokens"], generate(step, vocab.encode(prompt)[None, :], state, 10, GreedySampler(), None)
