@@ -64,6 +64,16 @@ def make_run(
     return run_dir
 
 
+def step_feed(description, tokens, seed=0):
+    """serving_default inputs: `tokens` and random (nonzero) states for an export's keraslm.json."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = np.asarray(tokens, np.int32)
+    states = {s["input"]: rng.normal(0, 0.5, (len(tokens), s["shape"][-1])) for s in description["states"]}
+    return {"tokens": tokens} | {name: value.astype(np.float32) for name, value in states.items()}
+
+
 @contextlib.contextmanager
 def tf_serving_double(version_dir, model_name="lm"):
     """Serve an export from tests/tf_serving_double.py (session-loaded, as TF Serving loads it);

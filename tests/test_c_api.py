@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime
 import pytest
 import tensorflow as tf
-from conftest import make_run
+from conftest import make_run, step_feed
 from tensorflow.core.protobuf import saved_model_pb2
 
 from keraslm.export import export_run
@@ -131,20 +131,17 @@ def error_messages(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
-def step_feed(description, batch_size=2, length=7, seed=0):
+def random_step_feed(description, batch_size=2, length=7, seed=0):
     """{input name: array} for serving_default: random tokens and random (nonzero) states."""
-    rng = np.random.default_rng(seed)
     vocabulary_size = description["config"]["model"]["vocabulary_size"]
-    feed = {"tokens": rng.integers(0, vocabulary_size, (batch_size, length), dtype=np.int32)}
-    for state in description["states"]:
-        feed[state["input"]] = rng.normal(0, 0.5, (batch_size, state["shape"][1])).astype(np.float32)
-    return feed
+    tokens = np.random.default_rng(seed).integers(0, vocabulary_size, (batch_size, length), dtype=np.int32)
+    return step_feed(description, tokens, seed)
 
 
 def test_serving_default_through_the_c_api_equals_onnx_runtime(c_client, export):
     version_dir, description = export
     inputs, outputs = signature_tensors(version_dir, "serving_default")
-    feed = step_feed(description)
+    feed = random_step_feed(description)
     got = run_c(c_client, version_dir, {inputs[k]: v for k, v in feed.items()}, list(outputs.values()))
 
     session = onnxruntime.InferenceSession(os.path.join(version_dir, "assets.extra", "model.onnx"))
@@ -183,7 +180,7 @@ def test_greedy_generate_through_the_c_api_equals_the_python_session_loader(c_cl
 def test_an_out_of_vocabulary_token_is_a_clean_invalid_argument(c_client, export):
     version_dir, description = export
     inputs, outputs = signature_tensors(version_dir, "serving_default")
-    feed = step_feed(description, batch_size=1, length=3)
+    feed = random_step_feed(description, batch_size=1, length=3)
     fetches = [outputs["logits"]]
     # The same request with in-range tokens runs: the error below comes from the run, not the load.
     assert run_request(c_client, version_dir, {inputs[k]: v for k, v in feed.items()}, fetches).returncode == 0
@@ -202,7 +199,7 @@ def test_inputs_of_another_rank_are_a_clean_invalid_argument(c_client, export):
     version_dir, description = export
     step_inputs, step_outputs = signature_tensors(version_dir, "serving_default")
     generate_inputs, generate_outputs = signature_tensors(version_dir, "generate")
-    step = step_feed(description, batch_size=1, length=3)
+    step = random_step_feed(description, batch_size=1, length=3)
     request = {
         "prompt": np.array([b"ab"], dtype=object),
         "max_new_tokens": np.int32(4),

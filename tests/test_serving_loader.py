@@ -19,13 +19,14 @@ import numpy as np
 import onnxruntime
 import pytest
 import tensorflow as tf
-from conftest import ROOT, error_lines, make_run, run_script, tf_serving_double
+from conftest import ROOT, error_lines, make_run, run_script, step_feed, tf_serving_double
 
 from keraslm import serving
 from keraslm.errors import UsageError
 from keraslm.export import export_run
 from keraslm.model import keras_step
 from keraslm.runs import load_run
+from keraslm.runtime import load_description
 from keraslm.sampling import GreedySampler, generate
 from keraslm.session_loader import SessionModel
 
@@ -41,13 +42,9 @@ def onnx_step(version_dir):
     return lambda feed: dict(zip(names, session.run(names, feed), strict=True))
 
 
-def step_feed(version_dir, tokens, seed=0):
-    description = json.load(open(os.path.join(version_dir, "assets.extra", "keraslm.json")))
-    rng = np.random.default_rng(seed)
-    tokens = np.asarray(tokens, np.int32)
-    return {"tokens": tokens} | {
-        s["input"]: rng.normal(0, 0.5, (len(tokens), s["shape"][-1])).astype(np.float32) for s in description["states"]
-    }
+def description(version_dir):
+    """The export's keraslm.json."""
+    return load_description(version_dir)[0]
 
 
 @pytest.mark.parametrize(
@@ -63,7 +60,7 @@ def step_feed(version_dir, tokens, seed=0):
 def test_every_kind_of_model_runs_under_tf_servings_loader(tmp_path, cell, level, kwargs):
     version_dir = export(tmp_path, cell, level, **kwargs)
     model = SessionModel(version_dir)
-    feed = step_feed(version_dir, [[1, 2, 3, 4], [5, 6, 7, 0]])
+    feed = step_feed(description(version_dir), [[1, 2, 3, 4], [5, 6, 7, 0]])
     served, expected = model.run("serving_default", feed), onnx_step(version_dir)(feed)
     assert set(served) == set(expected)
     for name in expected:
@@ -122,7 +119,7 @@ def saved_model_cli(version_dir, signature, outdir, inputs="", input_exprs=""):
 )
 def test_saved_model_cli_runs_both_signatures(tmp_path, cell):
     version_dir = export(tmp_path, cell)
-    feed = step_feed(version_dir, [[1, 2, 3], [4, 5, 6]])
+    feed = step_feed(description(version_dir), [[1, 2, 3], [4, 5, 6]])
     for name, value in feed.items():
         np.save(tmp_path / f"{name}.npy", value)
     inputs = ";".join(f"{name}={tmp_path / name}.npy" for name in feed)
@@ -205,16 +202,15 @@ def test_hostile_generate_request_is_refused_and_the_server_keeps_serving(server
 
 def test_hostile_step_requests_are_refused_and_the_server_keeps_serving(server):
     version_dir, rest, grpc_url, process = server
-    vocabulary_size = json.load(open(os.path.join(version_dir, "assets.extra", "keraslm.json")))["config"]["model"][
-        "vocabulary_size"
-    ]
-    good = step_feed(version_dir, [[1, 2]])
+    meta = description(version_dir)
+    vocabulary_size = meta["config"]["model"]["vocabulary_size"]
+    good = step_feed(meta, [[1, 2]])
     cases = [
-        (step_feed(version_dir, [[-1, 2]]), "tokens"),  # negative ids would index from the end
-        (step_feed(version_dir, [[vocabulary_size]]), "tokens"),
+        (step_feed(meta, [[-1, 2]]), "tokens"),  # negative ids would index from the end
+        (step_feed(meta, [[vocabulary_size]]), "tokens"),
         (good | {"h0_in": np.zeros((2, 16), np.float32)}, "h0_in"),  # a state batch that would broadcast
-        (step_feed(version_dir, np.zeros((0, 3))), "tokens"),
-        (step_feed(version_dir, np.zeros((1, 100_000))), "tokens"),
+        (step_feed(meta, np.zeros((0, 3))), "tokens"),
+        (step_feed(meta, np.zeros((1, 100_000))), "tokens"),
     ]
     for feed, named in cases:
         status, body = post(rest, "serving_default", feed)
@@ -225,14 +221,14 @@ def test_hostile_step_requests_are_refused_and_the_server_keeps_serving(server):
 
     backend = TFServingBackend(version_dir, grpc_url, "lm")
     with pytest.raises(Exception, match="INVALID_ARGUMENT.*tokens must be ids"):
-        backend._run(step_feed(version_dir, [[vocabulary_size]]))
+        backend._run(step_feed(meta, [[vocabulary_size]]))
     assert_still_serving(rest, process)
 
 
 def test_generate_memory_grows_with_the_tokens_produced(server):
     """A request at the limits runs, and a short one does not pay for the maximum."""
     version_dir, rest, _, process = server
-    limits = json.load(open(os.path.join(version_dir, "assets.extra", "keraslm.json")))["limits"]
+    limits = description(version_dir)["limits"]
     status, body = post(rest, "generate", serving.generate_inputs(["A"], limits["max_new_tokens"], seed=1))
     assert status == 200 and len(body["outputs"]["tokens"][0]) == limits["max_new_tokens"]
     longest = "B" * limits["max_prompt_tokens"]
