@@ -9,15 +9,22 @@
 State is a dict of float32 arrays keyed by the step's input names (`h0_in`, `c0_in`, …); each
 backend turns the step's `*_out` outputs into the next call's `*_in` inputs. TensorFlow is imported
 only by the backends that need it, when they are chosen.
+
+Backend.step checks both sides of every call, for every backend: the inputs (ONNX Runtime aborts
+the process on some bad ones) and the outputs (a server, or a damaged model, can return anything;
+only finite float32 logits [B, T, V] and states [B, H] reach the sampler).
 """
 
+import io
 import json
 import os
+import time
 
 import numpy as np
 
 from keraslm import serving
 from keraslm.errors import UsageError, first_line
+from keraslm.versions import versions
 from keraslm.vocab import Vocabulary
 
 BACKENDS = ("onnx", "savedmodel", "keras", "tf-serving")
@@ -33,16 +40,24 @@ def resolve_model(path):
         raise UsageError(f"{path} is not a directory; give an exported model (saved_models/NAME) or a run directory")
     if os.path.exists(os.path.join(path, "assets.extra", "keraslm.json")):
         return "export", path
-    versions = [int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d))]
-    if versions:
-        return resolve_model(os.path.join(path, str(max(versions))))
+    found = versions(path)  # as TF Serving reads them: "²" or "v2" is no version
+    if found:
+        return resolve_model(os.path.join(path, found[max(found)]))
     if os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "model.keras")):
         return "run", path
     raise UsageError(f"{path} is neither a keraslm export (saved_models/NAME[/VERSION]) nor a run directory")
 
 
 def load_description(version_dir):
-    """keraslm.json of an export, checked against the names the step function needs."""
+    """keraslm.json of an export, checked against the names the step function needs.
+
+    Returns:
+        (description, Vocabulary, states): the parsed file, its vocabulary, and its `states` list
+        of {"input", "output", "shape": [null, H]}, one per recurrent state tensor.
+
+    Raises:
+        UsageError: the file is missing or damaged, naming it and the fix (export again).
+    """
     path = os.path.join(version_dir, "assets.extra", "keraslm.json")
     try:
         with open(path, encoding="utf-8") as f:
@@ -50,11 +65,52 @@ def load_description(version_dir):
         vocab = Vocabulary.from_dict(description["vocabulary"])
         states = description["states"]
         size = description["config"]["model"]["vocabulary_size"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{path} is damaged ({first_line(e)}); export the run again") from None
+        problem = _states_problem(states, description["config"]["model"]["hidden_dim"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, UsageError) as e:
+        problem = first_line(e)
+    if problem:
+        raise UsageError(f"{path} is damaged ({problem}); export the run again")
     if len(vocab) != size:
         raise UsageError(f"{path}: the vocabulary has {len(vocab)} tokens but the model {size} outputs; export again")
     return description, vocab, states
+
+
+def _states_problem(states, hidden_dim):
+    """What is wrong with keraslm.json's `states` entry, or None. Every backend sizes and names the
+    state tensors from it, so a damaged entry would surface as a KeyError or a huge allocation."""
+    if not isinstance(states, list) or not states:
+        return f"states must be a non-empty list, got {type(states).__name__}"
+    for s in states:
+        if not (isinstance(s, dict) and isinstance(s.get("input"), str) and isinstance(s.get("output"), str)):
+            return "every state needs an input and an output name"
+        shape = s.get("shape")
+        # `type(...) is int`: JSON true is a Python bool, which isinstance(…, int) accepts.
+        if not (
+            isinstance(shape, list)
+            and len(shape) == 2
+            and (shape[0] is None or type(shape[0]) is int)
+            and type(shape[1]) is int
+            and shape[1] == hidden_dim
+        ):
+            return f"state {s['input']!r} has shape {shape!r}, not [null, {hidden_dim}] (the model's hidden_dim)"
+    names = ["tokens", "logits", *(s[key] for s in states for key in ("input", "output"))]
+    if len(set(names)) != len(names):
+        return "state names repeat (or reuse tokens or logits)"
+    return None
+
+
+def _model_file(version_dir, name):
+    """The path of a model file keraslm.json names, which must lie inside the export's assets.extra:
+    the file is loaded and run, so a name like "../../x" must not reach outside the export."""
+    extra = os.path.join(version_dir, "assets.extra")
+    real_extra = os.path.realpath(extra)
+    real_path = os.path.realpath(os.path.join(extra, name)) if isinstance(name, str) else real_extra
+    if real_path == real_extra or os.path.commonpath([real_extra, real_path]) != real_extra:
+        raise UsageError(
+            f"{os.path.join(extra, 'keraslm.json')} names a model file outside the export ({name!r});"
+            " export the run again"
+        )
+    return os.path.join(extra, name)
 
 
 def _check_output_size(path, size, vocab):
@@ -70,31 +126,60 @@ class Backend:
     Attributes:
         vocab: the model's Vocabulary.
         states: the state descriptions from keraslm.json ({"input", "output", "shape"}).
+        source: what runs the model, as error messages name it (a model file, a server).
+        remedy: what to do when the source answers with something that is not the step's outputs.
     """
 
-    def __init__(self, vocab, states):
+    def __init__(self, vocab, states, source, remedy="export the run again"):
         self.vocab = vocab
         self.states = states
+        self.source = source
+        self.remedy = remedy
 
     def initial_state(self, batch_size):
         """Zero state for a batch."""
         return {s["input"]: np.zeros((batch_size, s["shape"][-1]), np.float32) for s in self.states}
 
     def step(self, tokens, state):
-        """Run tokens [B, T] from `state`; return logits [B, T, V] and the state after them.
+        """Run tokens [B, T] from `state`; return logits [B, T, V] and the state after them (float32).
 
         Raises:
             UsageError: tokens not a non-empty [B, T] of ids in [0, V), or a state that is not
                 [B, H] for each of the model's states: ONNX Runtime would wrap negative ids
-                silently, and its LSTM and GRU kernels abort the process on an empty batch.
+                silently, and its LSTM and GRU kernels abort the process on an empty batch. Also
+                when the model (or server) returns anything but finite numbers of those shapes:
+                a NaN or a short row would otherwise reach the sampler and come out as garbage.
         """
         tokens = np.asarray(tokens)
         self._check_inputs(tokens, state)
-        return self._step(tokens.astype(np.int32), state)
+        logits, next_state = self._step(tokens.astype(np.int32), state)
+        batch, length = tokens.shape
+        logits = self._checked_output("logits", logits, (batch, length, len(self.vocab)))
+        return logits, {
+            s["input"]: self._checked_output(s["output"], next_state[s["input"]], (batch, s["shape"][-1]))
+            for s in self.states
+        }
 
     def _step(self, tokens, state):
         outputs = self._run({"tokens": tokens, **state})
-        return np.asarray(outputs["logits"]), {s["input"]: np.asarray(outputs[s["output"]]) for s in self.states}
+        missing = [name for name in ("logits", *(s["output"] for s in self.states)) if name not in outputs]
+        if missing:
+            raise UsageError(f"{self.source} returned no {', '.join(missing)}; {self.remedy}")
+        return outputs["logits"], {s["input"]: outputs[s["output"]] for s in self.states}
+
+    def _checked_output(self, name, value, shape):
+        # Cheap enough for every token: a shape compare, a dtype look-up and one pass of isfinite.
+        value = np.asarray(value)
+        if value.shape != shape:
+            problem = f"{name} of shape {value.shape} instead of {shape}"
+        elif value.dtype.kind not in "fiu":  # JSON integers are numbers too; strings, objects, booleans are not
+            problem = f"{name} holding something other than numbers ({value.dtype})"
+        else:
+            value = value.astype(np.float32, copy=False)
+            if np.isfinite(value).all():  # after the cast: 1e300 is no float32
+                return value
+            problem = f"{name} holding NaN or infinite values"
+        raise UsageError(f"{self.source} returned {problem}; {self.remedy}")
 
     def _check_inputs(self, tokens, state):
         size = len(self.vocab)
@@ -122,23 +207,46 @@ class OnnxBackend(Backend):
         import onnxruntime
 
         description, vocab, states = load_description(version_dir)
-        super().__init__(vocab, states)
         name = "model.onnx"
         if int8:
             if "onnx_int8" not in description:
                 raise UsageError(f"{version_dir} has no int8 model (exported before keraslm wrote one); export again")
-            name = description["onnx_int8"]["path"]
-        path = os.path.join(version_dir, "assets.extra", name)
+            name = description["onnx_int8"].get("path") if isinstance(description["onnx_int8"], dict) else None
+        path = _model_file(version_dir, name)
+        super().__init__(vocab, states, path)
         try:
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise UsageError(f"{path} cannot be loaded ({first_line(e)}); export the run again") from None
+        _check_onnx_signature(path, self.session, states)
         self.output_names = [o.name for o in self.session.get_outputs()]
-        logits = {o.name: o.shape for o in self.session.get_outputs()}.get("logits")
+        logits = {o.name: o.shape for o in self.session.get_outputs()}["logits"]
         _check_output_size(path, logits[-1] if logits else None, vocab)
 
     def _run(self, inputs):
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
+
+
+def _check_onnx_signature(path, session, states):
+    """The ONNX model must be the step keraslm.json describes: tokens and the state inputs in,
+    logits and the state outputs out, each state as wide as its entry says (ONNX Runtime would
+    refuse a feed it does not expect with an error of its own)."""
+    shapes = {"inputs": {i.name: i.shape for i in session.get_inputs()}}
+    shapes["outputs"] = {o.name: o.shape for o in session.get_outputs()}
+    for kind, key, first in (("inputs", "input", "tokens"), ("outputs", "output", "logits")):
+        expected = {first, *(s[key] for s in states)}
+        if set(shapes[kind]) != expected:
+            missing, unexpected = sorted(expected - set(shapes[kind])), sorted(set(shapes[kind]) - expected)
+            raise UsageError(
+                f"{path} does not match keraslm.json ({kind}: missing {missing}, unexpected {unexpected});"
+                " export the run again"
+            )
+        for s in states:
+            width = (shapes[kind][s[key]] or [None])[-1]  # an int, or a name or None for a dynamic size
+            if isinstance(width, int) and width != s["shape"][-1]:
+                raise UsageError(
+                    f"{path}: {s[key]} is {width} wide but keraslm.json says {s['shape'][-1]}; export the run again"
+                )
 
 
 class SavedModelBackend(Backend):
@@ -146,7 +254,7 @@ class SavedModelBackend(Backend):
 
     def __init__(self, version_dir):
         _, vocab, states = load_description(version_dir)
-        super().__init__(vocab, states)
+        super().__init__(vocab, states, f"the SavedModel in {version_dir}")
         from keraslm.session_loader import SessionModel
 
         self.model = SessionModel(version_dir)
@@ -184,7 +292,7 @@ class KerasBackend(Backend):
         states = [
             {"input": f"{n}_in", "output": f"{n}_out", "shape": [None, hidden]} for n in state_names(config.model)
         ]
-        super().__init__(vocab, states)
+        super().__init__(vocab, states, os.path.join(run_dir, "model.keras"), "train the run again")
         # The model's own step, traced once per shape (see keras_step).
         self._step, _ = keras_step(model, config.model, batch_size=1)
 
@@ -197,20 +305,30 @@ class TFServingBackend(Backend):
         server: the server's URL.
         model_name: the name TF Serving serves the model under.
         version: a version number, or None for the newest the server has.
-        timeout: seconds per request.
+        timeout: seconds for a whole request (connect, send, answer), however the server paces it.
     """
 
     def __init__(self, version_dir, server, model_name, version=None, timeout=10.0):
         _, vocab, states = load_description(version_dir)
-        super().__init__(vocab, states)
         self.server, self.model_name, self.version, self.timeout = server.rstrip("/"), model_name, version, timeout
+        super().__init__(
+            vocab, states, f"TF Serving at {self.server}", "is it TF Serving, serving this export (--model-name)?"
+        )
         if self.server.startswith("grpc://"):
             import grpc
             from tensorflow_serving.apis import prediction_service_pb2_grpc
 
             self.channel = grpc.insecure_channel(self.server[len("grpc://") :])
             self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-        elif not self.server.startswith(("http://", "https://")):
+            return
+        import urllib.parse
+
+        try:
+            parts = urllib.parse.urlsplit(self.server)
+            self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path
+        except ValueError:  # a port that is not a number in [0, 65535], a broken [IPv6] address
+            self.host = None
+        if not self.server.startswith(("http://", "https://")) or not self.host:
             raise UsageError(f"--server {server!r}: give http://host:8501 (REST) or grpc://host:8500")
 
     def _run(self, inputs):
@@ -219,30 +337,111 @@ class TFServingBackend(Backend):
 
             request = serving.grpc_request(self.model_name, serving.STEP_SIGNATURE, inputs, self.version)
             try:
-                return serving.grpc_outputs(self.stub.Predict(request, timeout=self.timeout))
+                response = self.stub.Predict(request, timeout=self.timeout)  # a deadline for the whole call
             except grpc.RpcError as e:
-                raise UsageError(f"TF Serving at {self.server} answered {e.code().name}: {e.details()}") from None
-        return serving.rest_outputs(self._post(serving.rest_body(serving.STEP_SIGNATURE, inputs)))
+                raise UsageError(f"{self.source} answered {e.code().name}: {_one_line(e.details())}") from None
+            try:
+                return serving.grpc_outputs(response)
+            except (ValueError, TypeError) as e:
+                raise UsageError(
+                    f"{self.source} sent tensors keraslm cannot read ({_one_line(e)}); {self.remedy}"
+                ) from None
+        # A generous cap on the answer: a number of the step's outputs takes ~15 bytes of JSON, or
+        # ~40 pretty-printed one per line as TF Serving writes them; a larger answer is not the step's.
+        batch, length = inputs["tokens"].shape
+        numbers = batch * length * len(self.vocab) + sum(batch * s["shape"][-1] for s in self.states)
+        body = self._post(serving.rest_body(serving.STEP_SIGNATURE, inputs), limit=64 * numbers + 2**20)
+        try:
+            return serving.rest_outputs(body)
+        except ValueError as e:
+            raise UsageError(f"{self.source} sent no step outputs ({_one_line(e)}); {self.remedy}") from None
 
-    def _post(self, body):
-        import urllib.error
-        import urllib.request
+    def _post(self, body, limit):
+        """POST a REST predict body; the answer's JSON, read within `timeout` seconds in all and at
+        most `limit` bytes (a socket timeout alone restarts with every byte that arrives)."""
+        import http.client
 
         url = self.server + serving.predict_path(self.model_name, self.version)
-        request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        deadline = time.monotonic() + self.timeout
+        connection_class = http.client.HTTPSConnection if url.startswith("https://") else http.client.HTTPConnection
+        connection = connection_class(self.host, self.port, timeout=self.timeout)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")
             try:
-                detail = json.loads(detail).get("error", detail)
-            except ValueError:
+                connection.connect()
+            except OSError as e:
+                raise UsageError(
+                    f"cannot reach TF Serving at {self.server} ({first_line(e)}); is it running?"
+                ) from None
+            try:
+                connection.sock.settimeout(_time_left(deadline))  # sending, too, counts against the deadline
+                path = self.prefix + serving.predict_path(self.model_name, self.version)
+                connection.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+                response = http.client.HTTPResponse(_DeadlineReader(connection.sock, deadline), method="POST")
+                response.begin()
+                data = bytearray()
+                while chunk := response.read(65536):
+                    data += chunk
+                    if len(data) > limit:
+                        raise UsageError(
+                            f"{self.source} sent more than {limit} bytes, far more than the step's outputs take;"
+                            f" {self.remedy}"
+                        )
+            except TimeoutError:
+                raise UsageError(
+                    f"{self.source} sent no complete answer within {self.timeout:g} s (--timeout)"
+                ) from None
+            except (OSError, http.client.HTTPException) as e:
+                raise UsageError(f"the request to {url} failed ({_one_line(e)})") from None
+        finally:
+            connection.close()
+        if response.status != 200:
+            detail = data.decode("utf-8", "replace")
+            try:
+                answer = json.loads(detail)
+                detail = answer.get("error", detail) if isinstance(answer, dict) else detail
+            except (ValueError, RecursionError):
                 pass
-            raise UsageError(f"TF Serving at {url} answered {e.code}: {first_line(detail)}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-            reason = getattr(e, "reason", e)
-            raise UsageError(f"cannot reach TF Serving at {self.server} ({reason}); is it running?") from None
+            raise UsageError(f"TF Serving at {url} answered {response.status}: {_one_line(detail)}")
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise UsageError(
+                f"{self.source} answered with something that is not JSON ({_one_line(e)}); {self.remedy}"
+            ) from None
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket as http.client.HTTPResponse reads it (through `makefile`), except that every read
+    waits only for the time left before `deadline`: the whole answer, headers included, then has
+    that long, however slowly the server drips it."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def makefile(self, mode):
+        return io.BufferedReader(self)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.sock.settimeout(_time_left(self.deadline))
+        return self.sock.recv_into(buffer)
+
+
+def _time_left(deadline):
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
+def _one_line(text, limit=200):
+    """Text a server sent, made safe for a one-line message: its first line, cut short, with
+    control characters (terminal escapes among them) replaced by "?"."""
+    lines = str(text).strip().splitlines()
+    line = lines[0][:limit] if lines else ""
+    return "".join(c if c.isprintable() else "?" for c in line) or "no details"
 
 
 def open_backend(model, backend=None, server=None, model_name=None, version=None, timeout=10.0, int8=False):

@@ -28,11 +28,24 @@ def rest_body(signature_name, inputs):
 
 
 def rest_outputs(body):
-    """The outputs of a columnar REST response as NumPy arrays (a lone output comes unnamed)."""
-    outputs = body["outputs"]
+    """The outputs of a columnar REST response as NumPy arrays (a lone output comes unnamed).
+
+    Raises:
+        ValueError: the body is not {"outputs": {name: array}} with rectangular arrays. What the
+            arrays hold (numbers, strings) and their shapes are the caller's to check.
+    """
+    outputs = body.get("outputs") if isinstance(body, dict) else None
+    if outputs is None:
+        raise ValueError('the response has no "outputs"')
     if not isinstance(outputs, dict):
         raise ValueError("the response has a single unnamed output; keraslm signatures name all of theirs")
-    return {k: np.asarray(v) for k, v in outputs.items()}
+    arrays = {}
+    for name, value in outputs.items():
+        try:
+            arrays[name] = np.asarray(value)
+        except ValueError:  # NumPy refuses ragged nesting, [[1, 2], [3]]
+            raise ValueError(f"output {name!r} is not a rectangular array") from None
+    return arrays
 
 
 def grpc_request(model_name, signature_name, inputs, version=None):

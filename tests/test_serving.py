@@ -81,3 +81,17 @@ def test_grpc_requests_match_the_signatures_and_run(export):
 def test_predict_path():
     assert serving.predict_path("lm") == "/v1/models/lm:predict"
     assert serving.predict_path("lm", 3) == "/v1/models/lm/versions/3:predict"
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({}, 'no "outputs"'),
+        ([1.0], 'no "outputs"'),
+        ({"outputs": [[1.0]]}, "single unnamed output"),
+        ({"outputs": {"logits": [[1.0], [1.0, 2.0]]}}, "'logits' is not a rectangular array"),
+    ],
+)
+def test_rest_outputs_refuses_what_are_not_named_arrays(body, message):
+    with pytest.raises(ValueError, match=message):
+        serving.rest_outputs(body)
