@@ -7,13 +7,20 @@ the model without the corpus (the vocabulary lives beside it in `vocab.json`).
 import dataclasses
 import json
 import math
+import typing
 
-from keraslm.errors import UsageError
+from keraslm.errors import UsageError, first_line
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 LEVELS = ("char", "word")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("keras", "torch")
+# The largest model keraslm builds: 2^31 parameters are 8 GiB of float32 weights, and training
+# needs about four times that (gradients and Adam's two slots) before any activation. A larger
+# setting is a typo, or a damaged config.json, and would only end in an out-of-memory crash.
+MAX_PARAMETERS = 2**31
+# The sample printed after each epoch is for reading: more is a typo that would fail after an epoch.
+MAX_SAMPLE_TOKENS = 100_000
 
 
 @dataclasses.dataclass
@@ -30,6 +37,8 @@ class ModelConfig:
         tie_weights: share the embedding matrix with the output projection.
         one_hot: feed one-hot vectors instead of a learned embedding.
         init: "keras" (Keras' default initialisers) or "torch" (pytorch/examples').
+
+    A model has at most `MAX_PARAMETERS` (2^31) parameters; `validate` refuses a larger one.
     """
 
     vocabulary_size: int = 0
@@ -42,10 +51,20 @@ class ModelConfig:
     one_hot: bool = False
     init: str = "keras"
 
-    @property
-    def num_states(self):
-        """State tensors per layer: LSTM carries (h, c), the others h only."""
-        return 2 if self.cell == "lstm" else 1
+    def num_parameters(self):
+        """The parameter count of the model `keraslm.model.build_model` makes from this config
+        (tests check it against Keras' own count); a vocabulary size of 0 counts no embedding or output."""
+        vocabulary, hidden = self.vocabulary_size, self.hidden_dim
+        # Each gate has an input kernel, a recurrent kernel and a bias; Keras' GRU (reset_after) two biases.
+        gates, biases = {"lstm": (4, 1), "gru": (3, 2)}.get(self.cell, (1, 1))
+
+        def layer(inputs):
+            return gates * (inputs * hidden + hidden * hidden + biases * hidden)
+
+        first_inputs = vocabulary if self.one_hot else self.embedding_dim
+        embedding = 0 if self.one_hot else vocabulary * self.embedding_dim
+        output = vocabulary if self.tie_weights else (hidden + 1) * vocabulary  # tied: only the output bias
+        return embedding + layer(first_inputs) + (self.num_layers - 1) * layer(hidden) + output
 
     def validate(self):
         """Raise UsageError on a setting the model cannot be built with."""
@@ -65,6 +84,13 @@ class ModelConfig:
             raise UsageError(
                 "--tie-weights needs --embedding-dim equal to --hidden-dim "
                 f"(got {self.embedding_dim} and {self.hidden_dim}); set them equal"
+            )
+        parameters = self.num_parameters()
+        if parameters > MAX_PARAMETERS:
+            vocabulary = f" and {self.vocabulary_size:,} tokens" if self.vocabulary_size else ""
+            raise UsageError(
+                f"--num-layers {self.num_layers}, --hidden-dim {self.hidden_dim}, --embedding-dim {self.embedding_dim}"
+                f"{vocabulary} make {parameters:,} parameters, over keraslm's limit of 2^31; make the model smaller"
             )
 
 
@@ -154,8 +180,10 @@ class TrainConfig:
             raise UsageError(f"--anneal-factor must be >= 1 (1 = off), got {self.anneal_factor}")
         if self.early_stopping < 0:
             raise UsageError(f"--early-stopping must be >= 0, got {self.early_stopping}")
-        if self.sample_tokens < 0:
-            raise UsageError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        if not 0 <= self.seed < 2**32:  # NumPy's seeds are 32-bit
+            raise UsageError(f"--seed must be in [0, 2^32), got {self.seed}")
+        if not 0 <= self.sample_tokens <= MAX_SAMPLE_TOKENS:
+            raise UsageError(f"--sample-tokens must be in [0, {MAX_SAMPLE_TOKENS}], got {self.sample_tokens}")
         if not self.sample_temperature >= 0:
             raise UsageError(f"--sample-temperature must be >= 0, got {self.sample_temperature}")
 
@@ -216,15 +244,16 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d):
-        """Rebuild from `to_dict()` output; unknown or missing keys are an error."""
-        try:
-            return cls(
-                model=ModelConfig(**d["model"]),
-                data=DataConfig(**d["data"]),
-                train=TrainConfig(**d["train"]),
-            )
-        except (KeyError, TypeError) as e:
-            raise UsageError(f"config does not match this version of keraslm: {e}") from None
+        """Rebuild from `to_dict()` output, every value checked against its field's annotation.
+
+        A missing section or an unknown field is an error; a missing field takes its default (a
+        run written before the field existed). Messages name the field ("model.hidden_dim").
+        """
+        if isinstance(d, dict):
+            missing = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+            if missing:
+                raise UsageError(f"no section {', '.join(missing)}; it does not match this version of keraslm")
+        return _from_dict(cls, d, "")
 
     def save(self, path):
         """Write config.json atomically."""
@@ -240,11 +269,63 @@ class RunConfig:
                 d = json.load(f)
         except FileNotFoundError:
             raise UsageError(f"{path} not found: is this a keraslm run directory?") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UsageError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
-        return cls.from_dict(d).validate()
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, an integer of over 4300 digits, too deep
+            raise UsageError(f"{path} is not valid JSON ({first_line(e)}); the run directory is damaged") from None
+        try:
+            config = cls.from_dict(d)
+            if config.model.vocabulary_size < 1:  # set from the vocabulary before config.json is written
+                raise UsageError(f"model.vocabulary_size must be positive, got {config.model.vocabulary_size}")
+            return config.validate()
+        except UsageError as e:
+            raise UsageError(f"{path}: {e}; the run directory is damaged") from None
 
 
 def _positive(flag, value):
     if not value > 0:
         raise UsageError(f"{flag} must be a positive number, got {value}")
+
+
+def _finite_number(value):
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an integer beyond float's range
+        return False
+
+
+# What a JSON value must be to fill a field of each annotated type, and how messages say it.
+# bool is told apart from int because JSON's true is a Python int too.
+_KINDS = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (_finite_number, "a finite number"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    type(None): (lambda v: v is None, "null"),
+}
+
+
+def _from_dict(cls, d, where):
+    """`cls(**d)` for a dataclass, after checking each value against its field's annotation (one
+    of `_KINDS`, `X | None`, or a nested dataclass, built the same way); `where` prefixes names."""
+    if not isinstance(d, dict):
+        raise UsageError(f"{where.rstrip('.') or 'the config'} must be a JSON object, got {_quote(d)}")
+    annotations = typing.get_type_hints(cls)
+    unknown = [key for key in d if key not in annotations]
+    if unknown:
+        raise UsageError(f"unknown setting {_quote(where + unknown[0])}; it does not match this version of keraslm")
+    values = {}
+    for name, value in d.items():
+        annotation = annotations[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _from_dict(annotation, value, f"{where}{name}.")
+            continue
+        kinds = typing.get_args(annotation) or (annotation,)  # `str | None` → (str, NoneType)
+        if not any(_KINDS[kind][0](value) for kind in kinds):
+            expected = " or ".join(_KINDS[kind][1] for kind in kinds)
+            raise UsageError(f"{where}{name} must be {expected}, got {_quote(value)}")
+        values[name] = value
+    return cls(**values)
+
+
+def _quote(value, limit=40):
+    text = repr(value)  # a string's newlines stay escaped: the message stays one line
+    return text if len(text) <= limit else text[: limit - 3] + "..."

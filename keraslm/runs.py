@@ -1,6 +1,8 @@
 """Reading a finished run directory: config.json, vocab.json and model.keras, checked together."""
 
 import os
+import zipfile
+import zlib
 
 from keraslm.config import RunConfig
 from keraslm.errors import UsageError, first_line
@@ -31,6 +33,12 @@ def load_run(run_dir, use_cudnn="auto"):
             f"{run_dir}: vocab.json has {len(vocab)} tokens but the model has {config.model.vocabulary_size} outputs"
         )
 
+    problem = archive_problem(os.path.join(run_dir, "model.keras"))
+    if problem:
+        raise UsageError(
+            f"{run_dir}/model.keras cannot be loaded: it is damaged ({problem}); train again or use another run"
+        )
+
     import keras
 
     from keraslm.model import build_model
@@ -39,9 +47,33 @@ def load_run(run_dir, use_cudnn="auto"):
         saved = keras.models.load_model(os.path.join(run_dir, "model.keras"), safe_mode=True)
     except Exception as e:  # Keras raises ValueError, OSError, zipfile errors … on a damaged file
         raise UsageError(f"{run_dir}/model.keras cannot be loaded ({first_line(e)}); it is damaged") from None
+    # Compared before the twin is built: a config.json damaged into a huge model fails here, fast.
+    stored, described = saved.count_params(), config.model.num_parameters()
+    if stored != described:
+        raise UsageError(
+            f"{run_dir}/model.keras does not match config.json ({stored:,} parameters, config.json describes "
+            f"{described:,}); the run directory is damaged"
+        )
     twin = build_model(config.model, use_cudnn=use_cudnn)
     try:
         twin.set_weights(saved.get_weights())
     except ValueError as e:
         raise UsageError(f"{run_dir}/model.keras does not match config.json ({first_line(e)})") from None
     return config, vocab, twin
+
+
+def archive_problem(path):
+    """Why the zip archive at `path` (a .keras file) is damaged, or None when every member passes
+    its CRC check.
+
+    Keras opens the archive without checking it: a truncated file is reported as "File not found",
+    and a flipped bit surfaces as a zipfile or h5py exception from deep inside the loading.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            member = archive.testzip()
+    except zipfile.BadZipFile:  # no central directory: cut short, or not a zip at all
+        return "truncated or not a Keras archive"
+    except (EOFError, OSError, zlib.error) as e:  # offsets or sizes pointing outside the file
+        return first_line(e)
+    return None if member is None else f"{member} fails its CRC check"
