@@ -4,14 +4,16 @@ The default onnx backend never imports TensorFlow, so it starts fast and runs wh
 onnxruntime and NumPy are installed.
 """
 
+import contextlib
 import sys
 
 import numpy as np
 
 from keraslm.cli import ArgumentParser, run_main
 from keraslm.errors import UsageError
+from keraslm.files import OutputFile
 from keraslm.runtime import BACKENDS, open_backend
-from keraslm.sampling import generate, make_sampler
+from keraslm.sampling import check_memory, generate, make_sampler
 
 
 def parse_args(argv):
@@ -42,7 +44,7 @@ def parse_args(argv):
     serving.add_argument("--server", help="http://host:8501 (REST) or grpc://host:8500 (gRPC)")
     serving.add_argument("--model-name", help="the name TF Serving serves (default: the export's folder name)")
     serving.add_argument("--model-version", type=int, help="a version the server has (default: its newest)")
-    serving.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    serving.add_argument("--timeout", type=float, default=10.0, help="seconds for each whole request (default 10)")
     return p.parse_args(argv)
 
 
@@ -84,6 +86,7 @@ def sample_texts(backend, args, sampler):
             sys.stdout.write(piece if vocab.level == "char" or piece.endswith("\n") else piece + " ")
             sys.stdout.flush()
 
+    check_memory(args.num_samples, len(ids), args.num_tokens, len(vocab))
     batch = np.repeat(ids[None, :], args.num_samples, axis=0)
     tokens = generate(
         backend.step, batch, backend.initial_state(args.num_samples), args.num_tokens, sampler, rng, on_token
@@ -96,21 +99,23 @@ def sample_texts(backend, args, sampler):
 def main(argv=None):
     args = parse_args(argv)
     sampler = check_args(args)
-    backend = open_backend(
-        args.model, args.backend, args.server, args.model_name, args.model_version, args.timeout, args.int8
-    )
-    prompt, texts = sample_texts(backend, args, sampler)
-    samples = [backend.vocab.join(prompt, text) for text in texts]
+    with contextlib.ExitStack() as stack:
+        # --out is checked (folder, permissions, kind of file) before any work is done.
+        out = stack.enter_context(OutputFile(args.out)) if args.out else None
+        backend = open_backend(
+            args.model, args.backend, args.server, args.model_name, args.model_version, args.timeout, args.int8
+        )
+        prompt, texts = sample_texts(backend, args, sampler)
+        samples = [backend.vocab.join(prompt, text) for text in texts]
+        if out:
+            out.write("\n\n".join(samples) + "\n")
+    # --out is complete before anything is printed: a reader that stops early loses nothing.
     if not args.stream:
         print(
             "\n\n".join(samples)
             if len(samples) == 1
             else "\n".join(f"--- sample {i + 1} ---\n{s}" for i, s in enumerate(samples))
         )
-    if args.out:
-        from keraslm.files import write_text_atomic
-
-        write_text_atomic(args.out, "\n\n".join(samples) + "\n")
 
 
 if __name__ == "__main__":

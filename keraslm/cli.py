@@ -20,6 +20,8 @@ _interrupted = False
 
 def _interrupt(signum, frame):
     global _interrupted
+    if _interrupted:
+        return  # once is enough: a second signal must not break the clean exit the first started
     # Remembered as well as raised: a KeyboardInterrupt that lands in a finalizer (a TensorFlow
     # object's __del__ during garbage collection) is printed as "Exception ignored" and lost, and
     # training would go on; training's InterruptCheck raises it again at the next batch.
@@ -33,7 +35,10 @@ def interrupted():
 
 
 def run_main(main, argv=None):
-    """Run `main(argv)`; a UsageError prints one line and exits 2, Ctrl-C or SIGTERM exits 130."""
+    """Run `main(argv)`; a UsageError prints one line and exits 2, Ctrl-C or SIGTERM exits 130.
+
+    A reader that stops early (`| head`) ends the command quietly with 141, as it ends `cat`.
+    """
     # TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hides the output users came for.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # SIGTERM (docker stop, kill, a scheduler's preemption) takes the same clean path as Ctrl-C.
@@ -43,8 +48,22 @@ def run_main(main, argv=None):
     try:
         main(argv)
     except UsageError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(2, f"{prog}: error: {e}")
     except KeyboardInterrupt as e:
-        print(f"\n{prog}: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        _exit(130, f"\n{prog}: {str(e) or 'interrupted'}")
+    except MemoryError:
+        _exit(2, f"{prog}: error: out of memory; ask for less (fewer or shorter samples, a smaller batch)")
+    except BrokenPipeError:
+        # The interpreter would flush stdout again at exit and fail once more: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _exit(141)
+
+
+def _exit(code, message=None):
+    # Ignored, not default: a second Ctrl-C or SIGTERM while the interpreter shuts down (which
+    # can take TensorFlow seconds) would otherwise kill it with 143 and a half-printed line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if message:
+        print(message, file=sys.stderr)
+    sys.exit(code)

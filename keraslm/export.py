@@ -8,11 +8,14 @@
 Everything is built from the stateless twin with `use_cudnn=False`, so a model trained on a GPU
 exports and serves on a CPU, and serving assigns no variable. The version is written to a hidden
 temporary directory beside the others (TF Serving only watches integer names), checked, and then
-renamed into place; a failed check leaves nothing behind.
+renamed into place (`_publish`); a failed check leaves nothing behind.
 """
 
+import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -20,8 +23,9 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keraslm import __version__
-from keraslm.errors import UsageError
+from keraslm import __version__, locks
+from keraslm.errors import UsageError, first_line
+from keraslm.files import cannot_write, current_umask, exchange, rename_new
 from keraslm.limits import ServingLimits
 from keraslm.model import build_model, in_name, keras_step, state_names
 from keraslm.onnx_step import OPSET as ONNX_OPSET
@@ -31,6 +35,7 @@ from keraslm.sampling import MIN_TEMPERATURE
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
 from keraslm.session_loader import RequestError, ServingError, SessionModel
 from keraslm.token_step import TokenStep
+from keraslm.versions import MAX_VERSION, versions
 
 PARITY_TOLERANCE = 1e-4
 # int8 weights change the model itself, so model.int8.onnx is checked against model.onnx by how far
@@ -478,9 +483,11 @@ def check_generate(model, twin, model_config, vocab, num_tokens=8):
 
 
 def next_version(base_dir):
-    """One more than the largest integer version in base_dir (1 when there is none)."""
-    versions = [int(d) for d in os.listdir(base_dir) if d.isdigit()] if os.path.isdir(base_dir) else []
-    return max(versions, default=0) + 1
+    """One more than the largest version in base_dir (1 when there is none)."""
+    number = max(versions(base_dir), default=0) + 1
+    if number > MAX_VERSION:
+        raise UsageError(f"{base_dir} holds version 2^63 - 1, the largest TF Serving reads; give --version N")
+    return number
 
 
 def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=False, limits=None):
@@ -490,28 +497,31 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
         limits: {limit name: value} overriding `ServingLimits.default` (None values keep it).
 
     Raises:
-        UsageError: not a run; version exists without `overwrite`; conversion or parity failed.
+        UsageError: not a run; version exists without `overwrite`; conversion or parity failed;
+            the export cannot be written (disk full, read-only, not a folder).
     """
     started = time.perf_counter()
+    if version is not None and not 1 <= version <= MAX_VERSION:
+        raise UsageError(f"--version must be in [1, 2^63 - 1] (TF Serving reads 64-bit versions), got {version}")
     config, vocab, twin = load_run(run_dir, use_cudnn=False)
     limits = ServingLimits.default(len(vocab), **(limits or {}))
     name = name or os.path.basename(os.path.normpath(run_dir))
     base_dir = os.path.join(out, name)
-    if version is not None and version < 1:
-        raise UsageError(f"--version must be a positive integer, got {version}")
     if version is not None and os.path.exists(os.path.join(base_dir, str(version))) and not overwrite:
         raise UsageError(f"{base_dir}/{version} exists; pass --overwrite to replace it or omit --version")
-    os.makedirs(base_dir, exist_ok=True)
 
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=base_dir)
-    try:
-        write_saved_model(ServingFunctions(config, vocab, twin, limits), tmp)
+    with contextlib.ExitStack() as workspace:
+        tmp = _workspace(base_dir, workspace)
         extra = os.path.join(tmp, "assets.extra")
-        os.makedirs(extra, exist_ok=True)
-        onnx_proto = write_onnx(twin, config.model, os.path.join(extra, "model.onnx"))
-        write_onnx_int8(os.path.join(extra, "model.onnx"), os.path.join(extra, INT8_ONNX))
-        with open(os.path.join(extra, "keraslm.json"), "w", encoding="utf-8") as f:
-            json.dump(artifact_description(config, vocab, limits), f, ensure_ascii=False, indent=1)
+        try:
+            write_saved_model(ServingFunctions(config, vocab, twin, limits), tmp)
+            os.makedirs(extra, exist_ok=True)
+            onnx_proto = write_onnx(twin, config.model, os.path.join(extra, "model.onnx"))
+            write_onnx_int8(os.path.join(extra, "model.onnx"), os.path.join(extra, INT8_ONNX))
+            with open(os.path.join(extra, "keraslm.json"), "w", encoding="utf-8") as f:
+                json.dump(artifact_description(config, vocab, limits), f, ensure_ascii=False, indent=1)
+        except (OSError, tf.errors.OpError) as e:  # TensorFlow's own file system reports OpErrors
+            raise UsageError(f"--out: cannot write the export in {base_dir} ({first_line(e)})") from None
         served = SessionModel(tmp)  # as TF Serving loads it: nothing it cannot run is published
         try:
             parity = check_parity(served, twin, config.model)
@@ -522,9 +532,6 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
             served.close()
         int8 = check_int8(tmp, config.model)
         version_dir = _publish(tmp, base_dir, version, overwrite)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
     report = {
         "seconds": time.perf_counter() - started,
         "parity": parity,
@@ -539,29 +546,67 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
     return version_dir, report
 
 
+# Versions are built in hidden folders beside the others (TF Serving only watches integer names).
+WORKSPACE_PREFIX = ".export-"
+
+
+def _workspace(base_dir, stack):
+    """A new folder in base_dir to build a version in, locked and finally removed through `stack`.
+
+    Folders of exports that were killed (their lock died with them) are removed first. The model
+    base is locked meanwhile, so a new folder is locked before any other export can see it.
+    """
+    try:
+        os.makedirs(base_dir, exist_ok=True)
+        with locks.held(base_dir):
+            for entry in os.scandir(base_dir):
+                abandoned = re.fullmatch(rf"{re.escape(WORKSPACE_PREFIX)}[a-z0-9_]{{8}}", entry.name)
+                if abandoned and entry.is_dir(follow_symlinks=False) and not locks.is_held(entry.path):
+                    shutil.rmtree(entry.path, ignore_errors=True)
+            tmp = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=base_dir)
+            # mkdtemp's folder is private (0700); the published version must be readable by
+            # a server running as another user, as a folder made by mkdir would be.
+            os.chmod(tmp, 0o777 & ~current_umask())
+            stack.enter_context(locks.held(tmp))
+    except FileExistsError:
+        raise UsageError(f"--out: {base_dir} exists and is not a folder; give another --out or --name") from None
+    except OSError as e:
+        raise UsageError(f"--out: {cannot_write(base_dir, e)}") from None
+    # After publishing, the folder is gone, or holds the version --overwrite replaced.
+    stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+    return tmp
+
+
 def _publish(tmp, base_dir, version, overwrite):
-    """Rename the finished directory into place as an integer version; never two with one number."""
+    """Rename the finished folder into place as an integer version: a new number never replaces
+    anything, and --overwrite swaps the old and new version in one step, so TF Serving's poller
+    (or a kill at any moment) sees the old version or the new one, never none."""
     if version is None:
-        # Renaming a directory onto a non-empty one fails, so two exports racing for the same
-        # number cannot both win: the loser takes the next number.
+        # Two exports racing for one number cannot both win: the loser takes the next number.
         for _ in range(100):
             target = os.path.join(base_dir, str(next_version(base_dir)))
-            try:
-                os.rename(tmp, target)
+            with contextlib.suppress(FileExistsError):
+                rename_new(tmp, target)
                 return target
-            except OSError:
-                continue
         raise UsageError(f"could not claim a version number in {base_dir}")
     target = os.path.join(base_dir, str(version))
-    if os.path.exists(target):
-        if not overwrite:
-            raise UsageError(f"{target} exists; pass --overwrite to replace it")
-        old = tempfile.mkdtemp(prefix=".replaced-", dir=base_dir)
-        os.rename(target, os.path.join(old, "v"))
-        os.rename(tmp, target)
-        shutil.rmtree(old)
+    try:
+        rename_new(tmp, target)
         return target
-    os.rename(tmp, target)
+    except FileExistsError:
+        if not overwrite:
+            raise UsageError(f"{target} exists; pass --overwrite to replace it") from None
+    if not os.path.isdir(target) or os.path.islink(target):
+        raise UsageError(f"{target} is not a version folder; remove it or choose another --version")
+    try:
+        exchange(tmp, target)
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.EINVAL):
+            raise UsageError(
+                f"--overwrite needs a file system that swaps two folders in one step (Linux renameat2), and"
+                f" {base_dir} is not on one; export to a new version instead"
+            ) from None
+        raise UsageError(f"--overwrite: {cannot_write(target, e)}") from None
     return target
 
 

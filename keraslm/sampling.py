@@ -4,6 +4,8 @@ Every backend supplies one `step(tokens, state) -> (logits, state)`; sampling st
 seed gives one sequence on every backend. No TensorFlow is imported.
 """
 
+import os
+
 import numpy as np
 
 from keraslm.errors import UsageError
@@ -117,6 +119,26 @@ def make_sampler(temperature=1.0, top_k=0, top_p=1.0):
     if top_p < 1:
         return TopPSampler(top_p, temperature)
     return Sampler(temperature)
+
+
+def check_memory(batch_size, prompt_length, num_tokens, vocabulary_size):
+    """Refuse a generation that would need more than half the machine's memory, before it starts.
+
+    The estimate counts what `generate` holds at once: the prompt's float32 logits [B, T0, V], a
+    step's logits and probabilities [B, V], and the tokens with their text [B, num_tokens].
+    """
+    needed = 4 * batch_size * prompt_length * vocabulary_size + 16 * batch_size * vocabulary_size
+    needed += 12 * batch_size * num_tokens
+    try:
+        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        budget = 2**32
+    if needed > budget:
+        raise UsageError(
+            f"{batch_size} samples of {num_tokens} tokens after a {prompt_length}-token prompt need about"
+            f" {needed / 1e9:,.1f} GB of memory, more than half of this machine's {2 * budget / 1e9:.0f} GB;"
+            " ask for fewer samples, fewer tokens or a shorter prompt"
+        )
 
 
 def generate(step, prompt_ids, state, num_tokens, sampler, rng, on_token=None):

@@ -24,13 +24,17 @@ from keraslm import callbacks as run_callbacks
 from keraslm import distribute, history, loop
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
-from keraslm.errors import UsageError
+from keraslm.errors import UsageError, first_line
 from keraslm.files import atomic_path, remove_stale_temporaries, write_text_atomic
+from keraslm.locks import locked_directory
 from keraslm.losses import SparseCrossEntropy
 from keraslm.model import build_model, reset_states
+from keraslm.runs import archive_problem
 from keraslm.vocab import Vocabulary
 
 CHECKPOINT = "checkpoint.keras"
+# Every file the run directory holds; only their temporaries count as stale after a kill -9.
+RUN_FILES = ("config.json", "vocab.json", "model.keras", CHECKPOINT, "history.csv", "curves.png", "results.json")
 # The run's bookkeeping travels inside the checkpoint's zip, so weights, optimizer state and
 # epoch are replaced together by one rename and can never disagree.
 CHECKPOINT_STATE = "keraslm_state.json"
@@ -116,25 +120,57 @@ def save_checkpoint(run, model):
 
 
 def load_checkpoint(run, model):
-    """Restore `model` (compiled) and `run` from the run directory's checkpoint."""
+    """Restore `model` (compiled) and `run` from the run directory's checkpoint.
+
+    The archive's CRCs and the bookkeeping's keys and types are checked before any of it is
+    used, so a damaged checkpoint is one UsageError naming it, never a Keras or h5py traceback.
+    """
     path = run.path(CHECKPOINT)
+
+    def damaged(reason):
+        return UsageError(f"--resume: {path} is damaged ({reason}); start a new run")
+
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: no checkpoint in {run.run_dir}; start a new run without --resume")
+    problem = archive_problem(path)
+    if problem:
+        raise damaged(problem)
     try:
         with zipfile.ZipFile(path) as archive:
             state = json.loads(archive.read(CHECKPOINT_STATE))
-    except FileNotFoundError:
-        raise UsageError(f"--resume: no checkpoint in {run.run_dir}; start a new run without --resume") from None
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as e:
-        raise UsageError(f"--resume: {path} is damaged ({e}); start a new run") from None
-    saved, current = dict(state["config"]), run.config.to_dict()
-    for section in (saved, current):  # only the epoch count may change on resume
-        section["train"] = {k: v for k, v in section["train"].items() if k != "epochs"}
-    if saved != current:
+    except KeyError:
+        raise damaged(f"no {CHECKPOINT_STATE}") from None
+    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, too deep
+        raise damaged(f"{CHECKPOINT_STATE}: {first_line(e)}") from None
+    # What save_checkpoint writes, by JSON type; counts are never negative, and true is no number.
+    kinds = {"epoch": int, "best_epoch": int, "wait": int, "best_val_loss": (int, float), "history": list}
+    kinds |= {"config": dict, "vocabulary_sha256": str, "seed_states": list}
+    if not isinstance(state, dict):
+        raise damaged(f"{CHECKPOINT_STATE} is not a JSON object")
+    for key, kind in kinds.items():
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+            raise damaged(f"{CHECKPOINT_STATE}: {key} is missing or not of the right type")
+    if not all(isinstance(row, dict) for row in state["history"]):
+        raise damaged(f"{CHECKPOINT_STATE}: history holds something other than per-epoch objects")
+    try:
+        saved = RunConfig.from_dict(state["config"])
+    except UsageError as e:
+        raise damaged(f"{CHECKPOINT_STATE}: config: {e}") from None
+    saved.train.epochs = run.config.train.epochs  # only the epoch count may change on resume
+    if saved != run.config:
         raise UsageError(f"--resume: {path} was written with another configuration; start a new run")
-    if state.get("vocabulary_sha256") != run.vocab.sha256():
+    if state["vocabulary_sha256"] != run.vocab.sha256():
         raise UsageError(f"--resume: {path} was written with another vocabulary than vocab.json; start a new run")
-    model.load_weights(path)
-    for variable, value in zip(seed_states(model), state["seed_states"], strict=True):
-        variable.assign(value)
+    variables = seed_states(model)
+    if len(state["seed_states"]) != len(variables):
+        raise damaged(f"{CHECKPOINT_STATE}: seed_states does not match the model's dropout layers")
+    try:
+        model.load_weights(path)
+        for variable, value in zip(variables, state["seed_states"], strict=True):
+            variable.assign(value)
+    except Exception as e:  # intact zip, wrong content: Keras and h5py raise ValueError, KeyError, OSError …
+        raise damaged(first_line(e)) from None
     run.restore(state)
     run.checkpoint_epoch = run.epoch
 
@@ -208,8 +244,6 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         Interrupted: Ctrl-C or SIGTERM; the checkpoint of the last finished epoch is intact.
     """
     config.validate()
-    if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
-        raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     strategy = distribute.make_strategy(strategy)
     if config.train.jit_compile and distribute.is_multi_worker(strategy):
         raise UsageError("--jit-compile does not combine with --strategy multi-worker; leave one out")
@@ -223,13 +257,22 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
 
 @contextlib.contextmanager
 def writable_run_dir(run_dir, strategy, resume):
-    """The directory this process writes: the run directory, except on multi-worker workers other
-    than 0, which write a scratch copy removed at the end (TF's multi-worker convention: every
+    """The directory this process writes: the run directory, locked for this process (see
+    locks.locked_directory), except on multi-worker workers other than 0, which write a scratch
+    copy removed at the end (TF's multi-worker convention: every
     worker saves, because saving may involve all of them, and only the chief's files are kept).
     On --resume every worker reads the run directory, which must therefore be shared or copied.
     """
     if distribute.is_chief(strategy):
-        yield run_dir
+        with locked_directory(run_dir):
+            # Checked again under the lock: two trainings started together both pass train.py's check.
+            if not resume and os.path.exists(os.path.join(run_dir, "config.json")):
+                raise UsageError(
+                    f"{run_dir} already holds a run; add --resume to continue it or choose another --run-dir"
+                )
+            if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+                raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
+            yield run_dir
         return
     scratch = tempfile.mkdtemp(prefix="keraslm-worker-")
     try:
@@ -261,6 +304,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
     else:
         vocab = Vocabulary.build(splits["train"], config.data.level, config.data.min_freq, config.data.max_vocab)
     config.model.vocabulary_size = len(vocab)
+    config.model.validate()  # again, now that the vocabulary sizes the embedding and the output
     ids = encode_splits(splits, vocab)
     datasets = {}
     for name, stream in ids.items():
@@ -271,8 +315,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
         if dry_run:
             datasets[name] = datasets[name].take(2)
 
-    os.makedirs(run_dir, exist_ok=True)
-    remove_stale_temporaries(run_dir)
+    remove_stale_temporaries(run_dir, RUN_FILES)
     run = Run(run_dir, config, vocab)
     with strategy.scope():
         # Each replica's layers carry the state of its own batch_size / replicas columns.

@@ -41,6 +41,16 @@ def error_lines(stderr):
     ]
 
 
+def assert_one_line_error(result, *fragments):
+    """The promise for bad input: exit code 2, one line on stderr holding `fragments`, no traceback."""
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
 def make_run(
     directory, cell="lstm", num_layers=1, level="char", hidden_dim=16, model_overrides=None, **train_overrides
 ):

@@ -11,7 +11,7 @@ import zipfile
 
 import keras
 import pytest
-from conftest import ROOT, TINY_SHAKESPEARE_DIR, error_lines, make_run, run_script
+from conftest import ROOT, TINY_SHAKESPEARE_DIR, assert_one_line_error, make_run, run_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,15 +25,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     path.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:60_000])
     return path
-
-
-def assert_one_line_error(result, *fragments):
-    lines = error_lines(result.stderr)
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
 
 
 def history(run_dir):
