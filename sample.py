@@ -17,14 +17,21 @@ from keraslm.sampling import check_memory, generate, make_sampler
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Sample text from a keraslm model with temperature, top-k or top-p sampling.")
+    p = ArgumentParser(description="Sample text from a keraslm model with temperature, top-k and top-p sampling.")
     p.add_argument("model", help="an export (saved_models/NAME or saved_models/NAME/VERSION) or a run directory")
     p.add_argument("--backend", choices=BACKENDS, help="runtime (default: onnx for an export, keras for a run)")
     p.add_argument("--prompt", default="", help="text to continue (default: the start token)")
     p.add_argument("--num-tokens", type=int, default=200, help="tokens to generate (default 200)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample among the k most likely tokens, ties with the k-th kept (0 = off)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling mass in (0, 1] (1 = off); with --top-k, the nucleus of the top k, renormalised",
+    )
     p.add_argument("--greedy", action="store_true", help="always the most likely token (same as --temperature 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed: one seed, one text, on every backend")
     p.add_argument("--num-samples", type=int, default=1, help="continuations drawn as one batch (default 1)")

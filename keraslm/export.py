@@ -23,7 +23,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from keraslm import __version__, locks
+from keraslm import __version__, graph_sampling, locks
 from keraslm.errors import UsageError, first_line
 from keraslm.files import cannot_write, current_umask, exchange, rename_new
 from keraslm.limits import ServingLimits
@@ -147,28 +147,8 @@ class ServingFunctions:
         return padded, mask
 
     def _sample(self, logits, temperature, top_k, top_p, seed, t):
-        """One token per row from logits [B, V]: greedy at temperature 0, else filtered sampling."""
-
-        def keep_top_k(scaled):
-            kth = tf.math.top_k(scaled, tf.clip_by_value(top_k, 1, self.vocabulary_size)).values[:, -1:]
-            return tf.where(scaled < kth, -np.inf, scaled)
-
-        def keep_nucleus(scaled):
-            # Keep the most likely tokens while the mass before each is below top_p.
-            ordered = tf.sort(scaled, direction="DESCENDING")
-            before = tf.cumsum(tf.nn.softmax(ordered), axis=-1, exclusive=True)
-            threshold = tf.reduce_min(tf.where(before < top_p, ordered, np.inf), axis=-1, keepdims=True)
-            return tf.where(scaled < threshold, -np.inf, scaled)
-
-        def draw():
-            # Each filter runs only when asked for: a sort per token costs as much as a layer.
-            scaled = logits / temperature  # >= MIN_TEMPERATURE here (checked)
-            filtered = tf.cond(top_k > 0, lambda: keep_top_k(scaled), lambda: scaled)
-            filtered = tf.cond(top_p < 1.0, lambda: keep_nucleus(filtered), lambda: filtered)
-            key = tf.stack([seed, tf.cast(t, tf.int64)])
-            return tf.random.stateless_categorical(filtered, 1, key, tf.int32)[:, 0]
-
-        return tf.cond(temperature > 0, draw, lambda: tf.argmax(logits, axis=-1, output_type=tf.int32))
+        """One token per row from logits [B, V], by the rule of keraslm.sampling (see graph_sampling)."""
+        return graph_sampling.sample(logits, temperature, top_k, top_p, tf.stack([seed, tf.cast(t, tf.int64)]))
 
     def _one_token(self, ids, states, weights):
         """Logits [B, V] and the next states for one token per row: the embedding and output layers

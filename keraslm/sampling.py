@@ -1,7 +1,31 @@
-"""Samplers on logits, in NumPy, and the decoding loop around a step function.
+"""The sampling rule, stated once, and its NumPy samplers and decoding loop.
 
 Every backend supplies one `step(tokens, state) -> (logits, state)`; sampling stays here, so one
-seed gives one sequence on every backend. No TensorFlow is imported.
+seed gives one sequence on every backend. No TensorFlow is imported: the SavedModel's in-graph
+`generate` signature implements the same rule in `keraslm.graph_sampling`, and
+tests/test_sampling_spec.py holds both to it.
+
+The rule (Hugging Face transformers' order, temperature → top-k → top-p, which keras-hub's
+`TopPSampler(p, k)` shares: top-k first, then the nucleus of what remains):
+
+1. Settings: `temperature` is 0 (greedy) or a finite number ≥ MIN_TEMPERATURE; `top_k` ≥ 0 with
+   TOP_K_OFF (0) meaning off; `top_p` in (0, 1] with TOP_P_OFF (1) meaning off. Anything else is
+   refused, on both paths, before sampling starts.
+2. Greedy (temperature 0): the token with the largest logit, ties going to the lowest id. top-k and
+   top-p change nothing then.
+3. Otherwise, in float64: `scaled = logits / temperature`.
+4. Top-k: tokens whose scaled logit is below the k-th largest of their row are dropped. Tokens tied
+   with the k-th largest all stay, so more than k tokens may remain; k ≥ V keeps every token.
+5. Top-p, on the distribution softmax(scaled) of the tokens top-k kept (renormalised): sort them by
+   logit, largest first; a token is in the nucleus while the mass of the tokens before it is below
+   p (so the top token always is, and the nucleus is the smallest head holding mass ≥ p). Every
+   token whose logit equals that of the nucleus's last token stays too: ties are never split by id.
+6. The next token is drawn from softmax of the logits that stayed (dropped ones are -inf).
+
+The keep-every-tie rule of 4 and 5 is transformers' for top-k (`scores < kth` are removed); for
+the nucleus transformers leaves ties to the sort order, which would make the kept set depend on
+token ids, so here ties are kept there too. Both paths decide the boundaries on float64 numbers;
+the signature's float32 scalars (temperature, top_p) are widened to float64 as sent.
 """
 
 import os
@@ -13,13 +37,50 @@ from keraslm.errors import UsageError
 # The smallest temperature that samples: below it, logits / temperature overflows float32 logits
 # (and float64 soon after) and every draw is garbage. 0 means greedy; anything in between is refused.
 MIN_TEMPERATURE = 1e-3
+TOP_K_OFF = 0
+TOP_P_OFF = 1.0
+
+
+def check_settings(temperature, top_k, top_p):
+    """Refuse settings outside rule 1 with a UsageError naming the argument and its range."""
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < np.inf):
+        raise UsageError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
+    if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
+        raise UsageError(f"top-k must be an integer >= 0 ({TOP_K_OFF} = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"top-p must be in (0, 1] ({TOP_P_OFF:g} = off), got {top_p}")
+
+
+def keep_top_k(scaled, k):
+    """Rule 4 on scaled logits [B, V]: -inf below the k-th largest of each row (ties with it stay)."""
+    if k >= scaled.shape[-1]:
+        return scaled
+    kth = np.partition(scaled, -k, axis=-1)[:, -k, None]
+    return np.where(scaled < kth, -np.inf, scaled)
+
+
+def keep_nucleus(scaled, p):
+    """Rule 5 on scaled logits [B, V] (-inf = already dropped): -inf outside each row's nucleus."""
+    ordered = -np.sort(-scaled, axis=-1)
+    probs = np.exp(ordered - ordered[:, :1])
+    probs /= probs.sum(axis=-1, keepdims=True)
+    # The mass before each token (an exclusive cumulative sum, as tf.cumsum(exclusive=True) gives).
+    before = np.concatenate([np.zeros_like(probs[:, :1]), np.cumsum(probs, axis=-1)[:, :-1]], axis=-1)
+    threshold = np.where(before < p, ordered, np.inf).min(axis=-1, keepdims=True)
+    return np.where(scaled < threshold, -np.inf, scaled)
 
 
 class Sampler:
-    """Picks the next token of each row from logits [B, V].
+    """Picks the next token of each row from logits [B, V], by the rule above.
+
+    Subclasses only say which tokens stay (`filter`); scaling, the softmax and the draw are here.
 
     Args:
-        temperature: logits are divided by it before the softmax.
+        temperature: logits are divided by it before the softmax (≥ MIN_TEMPERATURE).
+
+    Example:
+        >>> Sampler(0.8)(np.log([[0.7, 0.2, 0.1]]), np.random.default_rng(0)).shape
+        (1,)
     """
 
     def __init__(self, temperature=1.0):
@@ -28,18 +89,25 @@ class Sampler:
         self.temperature = temperature
 
     def __call__(self, logits, rng):
-        logits = np.asarray(logits, np.float64) / self.temperature
-        logits = self.filter(logits)
-        probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        probs /= probs.sum(axis=-1, keepdims=True)
+        probs = self.probabilities(logits)
         # Inverse-CDF draw: one uniform per row, the same draws whatever the backend.
         u = rng.random((probs.shape[0], 1))
         ids = (np.cumsum(probs, axis=-1) < u).sum(axis=-1)
         return np.minimum(ids, probs.shape[-1] - 1).astype(np.int32)
 
-    def filter(self, logits):
-        """Set the logits of excluded tokens to -inf; the base sampler keeps all."""
-        return logits
+    def scaled_logits(self, logits):
+        """float64 logits [B, V] divided by the temperature, -inf for the tokens `filter` drops."""
+        return self.filter(np.asarray(logits, np.float64) / self.temperature)
+
+    def probabilities(self, logits):
+        """The distribution [B, V] the next token is drawn from."""
+        scaled = self.scaled_logits(logits)
+        probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+        return probs / probs.sum(axis=-1, keepdims=True)
+
+    def filter(self, scaled):
+        """Set the scaled logits of excluded tokens to -inf; the base sampler keeps all."""
+        return scaled
 
 
 class GreedySampler(Sampler):
@@ -51,9 +119,15 @@ class GreedySampler(Sampler):
     def __call__(self, logits, rng=None):
         return np.argmax(np.asarray(logits), axis=-1).astype(np.int32)
 
+    def probabilities(self, logits):
+        logits = np.asarray(logits)
+        probs = np.zeros(logits.shape)
+        np.put_along_axis(probs, np.argmax(logits, axis=-1)[:, None], 1.0, axis=-1)
+        return probs
+
 
 class TopKSampler(Sampler):
-    """Sample among the `k` most likely tokens.
+    """Sample among the `k` most likely tokens (and any tied with the k-th).
 
     Args:
         k: how many tokens stay in the running (k ≥ 1).
@@ -66,58 +140,45 @@ class TopKSampler(Sampler):
             raise UsageError(f"top-k must be a positive integer, got {k}")
         self.k = int(k)
 
-    def filter(self, logits):
-        if self.k >= logits.shape[-1]:
-            return logits
-        kth = np.partition(logits, -self.k, axis=-1)[:, -self.k, None]
-        return np.where(logits >= kth, logits, -np.inf)
+    def filter(self, scaled):
+        return keep_top_k(scaled, self.k)
 
 
 class TopPSampler(Sampler):
     """Nucleus sampling: the smallest set of most likely tokens whose probability reaches `p`.
 
     Args:
-        p: probability mass kept, in (0, 1].
+        p: probability mass kept, in (0, 1]; 1 keeps every token.
         temperature: as in `Sampler`.
+        k: if set, top-k runs first and the nucleus is taken of the k tokens left, renormalised
+            (keras-hub's `TopPSampler(p, k)`).
     """
 
-    def __init__(self, p, temperature=1.0):
+    def __init__(self, p, temperature=1.0, k=None):
         super().__init__(temperature)
         if not 0 < p <= 1:
             raise UsageError(f"top-p must be in (0, 1], got {p}")
+        if not (k is None or (isinstance(k, (int, np.integer)) and k >= 1)):
+            raise UsageError(f"top-k must be a positive integer or None, got {k}")
         self.p = p
+        self.k = None if k is None else int(k)
 
-    def filter(self, logits):
-        order = np.argsort(-logits, axis=-1, kind="stable")
-        sorted_logits = np.take_along_axis(logits, order, axis=-1)
-        probs = np.exp(sorted_logits - sorted_logits[:, :1])
-        probs /= probs.sum(axis=-1, keepdims=True)
-        # Keep a token while the mass before it is still short of p (the top token always stays).
-        keep_sorted = np.cumsum(probs, axis=-1) - probs < self.p
-        keep = np.empty_like(keep_sorted)
-        np.put_along_axis(keep, order, keep_sorted, axis=-1)
-        return np.where(keep, logits, -np.inf)
+    def filter(self, scaled):
+        if self.k is not None:
+            scaled = keep_top_k(scaled, self.k)
+        return scaled if self.p >= TOP_P_OFF else keep_nucleus(scaled, self.p)
 
 
-SAMPLERS = {"greedy": GreedySampler, "random": Sampler, "top_k": TopKSampler, "top_p": TopPSampler}
-
-
-def make_sampler(temperature=1.0, top_k=0, top_p=1.0):
-    """The sampler for command-line settings: temperature 0 is greedy; top-k 0 and top-p 1 are off."""
-    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < np.inf):
-        raise UsageError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
-    if top_k < 0:
-        raise UsageError(f"top-k must be >= 0 (0 = off), got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UsageError(f"top-p must be in (0, 1] (1 = off), got {top_p}")
+def make_sampler(temperature=1.0, top_k=TOP_K_OFF, top_p=TOP_P_OFF):
+    """The sampler for command-line settings: temperature 0 is greedy; top-k 0 and top-p 1 are off;
+    top-k and top-p together keep the nucleus of the top k (see the rule above)."""
+    check_settings(temperature, top_k, top_p)
     if temperature == 0:
         return GreedySampler()
-    if top_k and top_p < 1:
-        raise UsageError("choose one of top-k and top-p, not both")
+    if top_p < TOP_P_OFF:
+        return TopPSampler(top_p, temperature, k=top_k or None)
     if top_k:
         return TopKSampler(top_k, temperature)
-    if top_p < 1:
-        return TopPSampler(top_p, temperature)
     return Sampler(temperature)
 
 

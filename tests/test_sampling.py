@@ -36,6 +36,16 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert TopPSampler(0.01)(logits, np.random.default_rng(0)).tolist() == [1]
 
 
+def test_top_k_and_top_p_combine_top_k_first():
+    # Once refused; now the rule of keraslm.sampling: the nucleus of the top k, renormalised.
+    # The top 3 renormalised are 4/9, 3/9, 2/9: 0.75 needs two of them (alone it would need three).
+    logits = np.log(np.array([[0.4, 0.3, 0.2, 0.1]]))
+    sampler = make_sampler(temperature=1.0, top_k=3, top_p=0.75)
+    draws = {int(sampler(logits, np.random.default_rng(s))[0]) for s in range(200)}
+    assert draws == {0, 1}
+    np.testing.assert_allclose(sampler.probabilities(logits), [[4 / 7, 3 / 7, 0, 0]])
+
+
 def test_sampling_follows_the_distribution_and_the_seed():
     logits = np.log(np.array([[0.7, 0.2, 0.1]]))
     rng = np.random.default_rng(0)
@@ -64,7 +74,6 @@ def test_generate_carries_the_state_and_produces_the_expected_string():
         {"top_k": -1},
         {"top_p": 0},
         {"top_p": 1.5},
-        {"top_k": 5, "top_p": 0.9},
     ],
 )
 def test_invalid_settings_are_usage_errors(kwargs):
