@@ -25,11 +25,11 @@ import tensorflow as tf
 
 from keraslm import __version__, locks
 from keraslm.errors import UsageError, first_line
+from keraslm.export.onnx_step import OPSET as ONNX_OPSET
+from keraslm.export.onnx_step import build_step_graph
 from keraslm.files import cannot_write, current_umask, exchange, rename_new
 from keraslm.limits import ServingLimits
 from keraslm.model import build_model, in_name, keras_step, state_names
-from keraslm.onnx_step import OPSET as ONNX_OPSET
-from keraslm.onnx_step import build_step_graph
 from keraslm.runs import load_run
 from keraslm.sampling import MIN_TEMPERATURE
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
