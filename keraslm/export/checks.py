@@ -22,8 +22,6 @@ def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
     one call over the sequence and the state carried token by token. Raises UsageError over
     PARITY_TOLERANCE.
     """
-    import onnxruntime
-
     rng = np.random.default_rng(seed)
     feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
     feed |= {
@@ -33,11 +31,7 @@ def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
 
     keras_out = {k: np.asarray(v) for k, v in twin(feed, training=False).items()}
     saved_out = model.run(STEP_SIGNATURE, feed)
-    session = onnxruntime.InferenceSession(
-        os.path.join(model.version_dir, "assets.extra", "model.onnx"), providers=["CPUExecutionProvider"]
-    )
-    onnx_names = [o.name for o in session.get_outputs()]
-    onnx_out = dict(zip(onnx_names, session.run(onnx_names, feed), strict=True))
+    onnx_out = _onnx_outputs(model.version_dir, feed)
     if set(onnx_out) != set(keras_out) or set(saved_out) != set(keras_out):
         raise UsageError(
             f"export outputs differ: keras {sorted(keras_out)}, saved {sorted(saved_out)}, onnx {sorted(onnx_out)}"
@@ -46,22 +40,40 @@ def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
     def max_diff(a, b):
         return max(float(np.max(np.abs(a[k] - b[k]))) for k in keras_out)
 
+    carried = _carried_logits(twin, model_config, feed)
+    figures = {
+        "savedmodel_vs_keras": max_diff(saved_out, keras_out),
+        "savedmodel_vs_onnx": max_diff(saved_out, onnx_out),
+        "onnx_vs_keras": max_diff(onnx_out, keras_out),
+        "carried_vs_whole_sequence": float(np.max(np.abs(carried - keras_out["logits"]))),
+    }
+    worst = max(figures, key=figures.get)
+    if figures[worst] > PARITY_TOLERANCE:
+        raise UsageError(f"parity check failed: {worst} max |Δ| = {figures[worst]:.2e} > {PARITY_TOLERANCE}")
+    return figures
+
+
+def _onnx_outputs(version_dir, feed):
+    """{output name: value} of the version's model.onnx on `feed`."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        os.path.join(version_dir, "assets.extra", "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    onnx_names = [o.name for o in session.get_outputs()]
+    return dict(zip(onnx_names, session.run(onnx_names, feed), strict=True))
+
+
+def _carried_logits(twin, model_config, feed):
+    """Logits [B, T, V] of the Keras step run token by token on `feed`, carrying the state."""
+    batch_size, length = feed["tokens"].shape
     step, _ = keras_step(twin, model_config, batch_size)
     state = {k: v for k, v in feed.items() if k != "tokens"}
     carried = []
     for t in range(length):
         logits, state = step(feed["tokens"][:, t : t + 1], state)
         carried.append(logits)
-    figures = {
-        "savedmodel_vs_keras": max_diff(saved_out, keras_out),
-        "savedmodel_vs_onnx": max_diff(saved_out, onnx_out),
-        "onnx_vs_keras": max_diff(onnx_out, keras_out),
-        "carried_vs_whole_sequence": float(np.max(np.abs(np.concatenate(carried, 1) - keras_out["logits"]))),
-    }
-    worst = max(figures, key=figures.get)
-    if figures[worst] > PARITY_TOLERANCE:
-        raise UsageError(f"parity check failed: {worst} max |Δ| = {figures[worst]:.2e} > {PARITY_TOLERANCE}")
-    return figures
+    return np.concatenate(carried, 1)
 
 
 def check_generate(model, twin, model_config, vocab, num_tokens=8):

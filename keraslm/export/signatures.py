@@ -171,11 +171,32 @@ class ServingFunctions:
         return tf.strings.regex_replace(tf.strings.reduce_join(pieces, axis=1, separator=" "), " ?\n ?", "\n")
 
     def _check_request(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        """The generate arguments after every check on them passed (see _Checks)."""
+        """The generate arguments after every check on them passed (see _Checks), the prompts as
+        ragged ids [B, (length)]: the arguments themselves first, then the prompts' token counts."""
         limits, checks = self.limits, _Checks()
         scalars = [max_new_tokens, temperature, top_k, top_p, seed]
         # No rank checks: see _step (a scalar fed as [n] fails TF's own checks with InvalidArgument).
         batch = tf.size(prompt)
+        prompt, *scalars = self._check_arguments(checks, batch, prompt, *scalars)
+        ids = self._tokenize(prompt)
+        lengths = ids.row_lengths()
+        longest = tf.cast(tf.reduce_max(lengths), tf.int32)
+        checks.require(
+            lambda: longest <= limits.max_prompt_tokens,
+            f"each prompt must be at most {limits.max_prompt_tokens} tokens, the longest has",
+            longest,
+        )
+        checks.require(
+            lambda: batch * tf.maximum(longest, 1) <= limits.max_batch_tokens,
+            f"prompts × longest prompt must be at most {limits.max_batch_tokens} tokens; got prompts, longest",
+            lambda: tf.stack([batch, longest]),
+        )
+        values, row_splits = checks.passed(ids.flat_values, ids.row_splits)
+        return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False), *scalars
+
+    def _check_arguments(self, checks, batch, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        """Add the checks on the request's arguments to `checks`; return them, readable once passed."""
+        limits = self.limits
         checks.require(
             lambda: (batch >= 1) & (batch <= limits.max_batch_tokens),
             f"prompt must be a list of 1 to {limits.max_batch_tokens} strings, got shape",
@@ -210,22 +231,7 @@ class ServingFunctions:
             f"the prompts together must be at most {limits.max_request_bytes} bytes, got",
             lambda: tf.reduce_sum(size),
         )
-        prompt, *scalars = checks.passed(prompt, *scalars)
-        ids = self._tokenize(prompt)
-        lengths = ids.row_lengths()
-        longest = tf.cast(tf.reduce_max(lengths), tf.int32)
-        checks.require(
-            lambda: longest <= limits.max_prompt_tokens,
-            f"each prompt must be at most {limits.max_prompt_tokens} tokens, the longest has",
-            longest,
-        )
-        checks.require(
-            lambda: batch * tf.maximum(longest, 1) <= limits.max_batch_tokens,
-            f"prompts × longest prompt must be at most {limits.max_batch_tokens} tokens; got prompts, longest",
-            lambda: tf.stack([batch, longest]),
-        )
-        values, row_splits = checks.passed(ids.flat_values, ids.row_splits)
-        return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False), *scalars
+        return checks.passed(prompt, max_new_tokens, temperature, top_k, top_p, seed)
 
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
         ids, max_new_tokens, temperature, top_k, top_p, seed = self._check_request(
