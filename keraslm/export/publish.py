@@ -28,6 +28,18 @@ def next_version(base_dir):
     return number
 
 
+def check_version_number(version):
+    """Refuse a --version TF Serving cannot read (None: the next number is taken)."""
+    if version is not None and not 1 <= version <= MAX_VERSION:
+        raise UsageError(f"--version must be in [1, 2^63 - 1] (TF Serving reads 64-bit versions), got {version}")
+
+
+def refuse_existing_version(base_dir, version, overwrite):
+    """Refuse, before any work, to replace a version without --overwrite (publish checks again)."""
+    if version is not None and os.path.exists(os.path.join(base_dir, str(version))) and not overwrite:
+        raise UsageError(f"{base_dir}/{version} exists; pass --overwrite to replace it or omit --version")
+
+
 def open_workspace(base_dir, stack):
     """A new folder in base_dir to build a version in, locked and finally removed through `stack`.
 
