@@ -21,7 +21,7 @@ import onnxruntime  # noqa: E402
 import tf2onnx  # noqa: E402
 from generation import build_model  # noqa: E402 (also puts the project on sys.path)
 
-from keraslm.export import ServingFunctions  # noqa: E402
+from keraslm.export.signatures import ServingFunctions  # noqa: E402
 from keraslm.limits import ServingLimits  # noqa: E402
 from keraslm.model import state_names  # noqa: E402
 from keraslm.runs import load_run  # noqa: E402

@@ -206,7 +206,8 @@ def test_a_full_disk_stops_an_export_with_one_line_and_nothing_published(tmp_pat
 
 
 def test_version_numbers_are_those_tf_serving_reads(tmp_path, exported):
-    from keraslm.export import export_run, next_version
+    from keraslm.export import export_run
+    from keraslm.export.publish import next_version
 
     run_dir, _ = exported
     for name in ("7", "²", "99999999999999999999", "0012", "x3"):

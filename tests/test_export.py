@@ -12,7 +12,8 @@ import tf2onnx
 from conftest import error_lines, make_run, run_script
 
 from keraslm.errors import UsageError
-from keraslm.export import ServingFunctions, export_run
+from keraslm.export import export_run
+from keraslm.export.signatures import ServingFunctions
 from keraslm.limits import ServingLimits
 from keraslm.model import keras_step
 from keraslm.runs import load_run

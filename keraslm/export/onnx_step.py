@@ -8,7 +8,7 @@ this module writes the graph itself:
     tokens [B, T] ─Gather(embedding)─Transpose─► [T, B, E] ─► L × {LSTM | GRU | RNN} ─► [T, B, H]
                   ─Transpose─MatMul+Add─► logits [B, T, V]          h{i}_in / c{i}_in ─► *_out
 
-Inputs and outputs carry the step signature's names; batch and time are dynamic. export.py checks
+Inputs and outputs carry the step signature's names; batch and time are dynamic. keraslm.export checks
 the result against the Keras model and the SavedModel before it publishes anything.
 """
 

@@ -1,0 +1,103 @@
+"""The checks before publishing: the served step against Keras and ONNX, and `generate` against
+the Keras step. Anything over PARITY_TOLERANCE stops the export."""
+
+import os
+
+import numpy as np
+
+from keraslm.errors import UsageError
+from keraslm.model import keras_step, state_names
+from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
+
+PARITY_TOLERANCE = 1e-4
+
+
+def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
+    """Compare the session-loaded SavedModel, ONNX and Keras steps on random tokens and states.
+
+    Args:
+        model: the version as TF Serving loads it (a SessionModel).
+
+    Returns the figures: max |Δ| of every output between backends, and of the logits between
+    one call over the sequence and the state carried token by token. Raises UsageError over
+    PARITY_TOLERANCE.
+    """
+    rng = np.random.default_rng(seed)
+    feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
+    feed |= {
+        f"{n}_in": rng.normal(0, 0.5, (batch_size, model_config.hidden_dim)).astype(np.float32)
+        for n in state_names(model_config)
+    }
+
+    keras_out = {k: np.asarray(v) for k, v in twin(feed, training=False).items()}
+    saved_out = model.run(STEP_SIGNATURE, feed)
+    onnx_out = _onnx_outputs(model.version_dir, feed)
+    if set(onnx_out) != set(keras_out) or set(saved_out) != set(keras_out):
+        raise UsageError(
+            f"export outputs differ: keras {sorted(keras_out)}, saved {sorted(saved_out)}, onnx {sorted(onnx_out)}"
+        )
+
+    def max_diff(a, b):
+        return max(float(np.max(np.abs(a[k] - b[k]))) for k in keras_out)
+
+    carried = _carried_logits(twin, model_config, feed)
+    figures = {
+        "savedmodel_vs_keras": max_diff(saved_out, keras_out),
+        "savedmodel_vs_onnx": max_diff(saved_out, onnx_out),
+        "onnx_vs_keras": max_diff(onnx_out, keras_out),
+        "carried_vs_whole_sequence": float(np.max(np.abs(carried - keras_out["logits"]))),
+    }
+    worst = max(figures, key=figures.get)
+    if figures[worst] > PARITY_TOLERANCE:
+        raise UsageError(f"parity check failed: {worst} max |Δ| = {figures[worst]:.2e} > {PARITY_TOLERANCE}")
+    return figures
+
+
+def _onnx_outputs(version_dir, feed):
+    """{output name: value} of the version's model.onnx on `feed`."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(
+        os.path.join(version_dir, "assets.extra", "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    onnx_names = [o.name for o in session.get_outputs()]
+    return dict(zip(onnx_names, session.run(onnx_names, feed), strict=True))
+
+
+def _carried_logits(twin, model_config, feed):
+    """Logits [B, T, V] of the Keras step run token by token on `feed`, carrying the state."""
+    batch_size, length = feed["tokens"].shape
+    step, _ = keras_step(twin, model_config, batch_size)
+    state = {k: v for k, v in feed.items() if k != "tokens"}
+    carried = []
+    for t in range(length):
+        logits, state = step(feed["tokens"][:, t : t + 1], state)
+        carried.append(logits)
+    return np.concatenate(carried, 1)
+
+
+def check_generate(model, twin, model_config, vocab, num_tokens=8):
+    """Run the session-loaded `generate` greedily on two prompts of different lengths and follow
+    its tokens with the Keras step in a NumPy loop: each must be the step's most likely token
+    (to PARITY_TOLERANCE in logits, so a near-tie may go either way) and the text their decoding.
+
+    Returns the largest logit gap between a chosen token and the step's best. Raises UsageError.
+    """
+    specials = set(vocab.to_dict()["special_tokens"].values())
+    plain = [t for t in vocab.tokens if t not in specials and t.strip() == t and t]
+    separator = "" if vocab.level == "char" else " "
+    prompts = [separator.join(plain[:3]), plain[3 % len(plain)]]
+    out = model.run(GENERATE_SIGNATURE, generate_inputs(prompts, num_tokens, temperature=0.0))
+    step, zero = keras_step(twin, model_config, batch_size=1)
+    worst = 0.0
+    for row, prompt in enumerate(prompts):
+        chosen = out["tokens"][row]
+        logits, state = step(vocab.encode(prompt)[None, :], zero)
+        for token in chosen:
+            worst = max(worst, float(np.max(logits[0, -1]) - logits[0, -1, token]))
+            logits, state = step(np.array([[token]], np.int32), state)
+        if out["text"][row].decode("utf-8") != vocab.decode(chosen):
+            raise UsageError(f"generate check failed: its text for prompt {prompt!r} is not its tokens' decoding")
+    if worst > PARITY_TOLERANCE:
+        raise UsageError(f"generate check failed: a greedy token is {worst:.2e} below the step's best logit")
+    return worst
