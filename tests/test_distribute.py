@@ -80,11 +80,13 @@ def test_mirrored_equals_single_device(tmp_path, driver, cell):
     assert_close(single, mirrored)
 
 
+@pytest.mark.slow  # 22 s on 2 cores; the mirrored and multi-worker comparisons stay in the default run
 def test_one_device_strategy_equals_the_default(tmp_path, driver):
     # On a GPU, --strategy default trains under OneDeviceStrategy so that windows prefetch to it.
     assert_close(train(driver, tmp_path / "plain", "default", 1), train(driver, tmp_path / "one", "one-device", 1))
 
 
+@pytest.mark.slow  # 89 s on 2 cores; resume across a restart is tested in the default run
 def test_checkpoints_move_between_strategies(tmp_path, driver):
     whole = train(driver, tmp_path / "whole", "default", 2)
     train(driver, tmp_path / "a", "mirrored", 1)
