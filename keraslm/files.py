@@ -17,7 +17,7 @@ from keraslm.errors import UsageError
 
 # tempfile's random part: 8 characters of this alphabet. The exact pattern lets stale temporaries
 # be told apart from a user's own dot-files.
-_RANDOM = "[a-z0-9_]{8}"
+RANDOM_PART = "[a-z0-9_]{8}"
 
 
 def cannot_write(path, error):
@@ -49,10 +49,10 @@ def current_umask():
     return umask
 
 
-def temporary_name_pattern(name):
+def _temporary_name_pattern(name):
     """The regular expression of `atomic_path`'s temporaries for a file called `name`."""
     suffix = os.path.splitext(name)[1]
-    return rf"\.{re.escape(name)}\.{_RANDOM}\.tmp{re.escape(suffix)}"
+    return rf"\.{re.escape(name)}\.{RANDOM_PART}\.tmp{re.escape(suffix)}"
 
 
 @contextlib.contextmanager
@@ -181,7 +181,7 @@ class OutputFile:
 def remove_stale_temporaries(directory, names):
     """Delete the temporaries that `atomic_path` left for the files `names` when its process was
     killed (-9); nothing else (a user's `.notes.tmp` stays, and so does any folder)."""
-    patterns = [re.compile(temporary_name_pattern(name)) for name in names]
+    patterns = [re.compile(_temporary_name_pattern(name)) for name in names]
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False) and any(p.fullmatch(entry.name) for p in patterns):
             os.remove(entry.path)

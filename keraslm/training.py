@@ -244,6 +244,8 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         Interrupted: Ctrl-C or SIGTERM; the checkpoint of the last finished epoch is intact.
     """
     config.validate()
+    if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # on every worker, before any work
+        raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     strategy = distribute.make_strategy(strategy)
     if config.train.jit_compile and distribute.is_multi_worker(strategy):
         raise UsageError("--jit-compile does not combine with --strategy multi-worker; leave one out")
@@ -259,8 +261,8 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
 def writable_run_dir(run_dir, strategy, resume):
     """The directory this process writes: the run directory, locked for this process (see
     locks.locked_directory), except on multi-worker workers other than 0, which write a scratch
-    copy removed at the end (TF's multi-worker convention: every
-    worker saves, because saving may involve all of them, and only the chief's files are kept).
+    copy removed at the end (TF's multi-worker convention: every worker saves, because saving may
+    involve all of them, and only the chief's files are kept).
     On --resume every worker reads the run directory, which must therefore be shared or copied.
     """
     if distribute.is_chief(strategy):
@@ -270,8 +272,6 @@ def writable_run_dir(run_dir, strategy, resume):
                 raise UsageError(
                     f"{run_dir} already holds a run; add --resume to continue it or choose another --run-dir"
                 )
-            if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
-                raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
             yield run_dir
         return
     scratch = tempfile.mkdtemp(prefix="keraslm-worker-")

@@ -13,7 +13,7 @@ import tempfile
 
 from keraslm import locks
 from keraslm.errors import UsageError
-from keraslm.files import cannot_write, current_umask, exchange, rename_new
+from keraslm.files import RANDOM_PART, cannot_write, current_umask, exchange, rename_new
 from keraslm.versions import MAX_VERSION, versions
 
 # Versions are built in hidden folders beside the others (TF Serving only watches integer names).
@@ -50,7 +50,7 @@ def open_workspace(base_dir, stack):
         os.makedirs(base_dir, exist_ok=True)
         with locks.held(base_dir):
             for entry in os.scandir(base_dir):
-                abandoned = re.fullmatch(rf"{re.escape(WORKSPACE_PREFIX)}[a-z0-9_]{{8}}", entry.name)
+                abandoned = re.fullmatch(re.escape(WORKSPACE_PREFIX) + RANDOM_PART, entry.name)
                 if abandoned and entry.is_dir(follow_symlinks=False) and not locks.is_held(entry.path):
                     shutil.rmtree(entry.path, ignore_errors=True)
             tmp = tempfile.mkdtemp(prefix=WORKSPACE_PREFIX, dir=base_dir)
