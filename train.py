@@ -6,6 +6,7 @@ import datetime
 import os
 import sys
 
+from keraslm import artifacts
 from keraslm.cli import ArgumentParser, run_main
 from keraslm.config import CELLS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
 from keraslm.errors import UsageError
@@ -121,7 +122,7 @@ def new_config(given):
 
 
 def resumed_config(run_dir, given):
-    config = RunConfig.load(os.path.join(run_dir, "config.json"))
+    config = RunConfig.load(os.path.join(run_dir, artifacts.CONFIG))
     for (section, key), value in given.items():
         if key == "epochs":
             config.train.epochs = value
@@ -153,7 +154,7 @@ def main(argv=None):
         config = resumed_config(args.run_dir, given)
     else:
         config = new_config(given).validate()
-        if args.run_dir and os.path.exists(os.path.join(args.run_dir, "config.json")):
+        if args.run_dir and os.path.exists(os.path.join(args.run_dir, artifacts.CONFIG)):
             raise UsageError(
                 f"{args.run_dir} already holds a run; add --resume to continue it or choose another --run-dir"
             )

@@ -6,7 +6,7 @@ import time
 import keras
 import numpy as np
 
-from keraslm import cli, history
+from keraslm import artifacts, cli, history
 from keraslm.model import keras_step, reset_states
 from keraslm.sampling import generate, make_sampler
 
@@ -157,8 +157,8 @@ class RunRecorder(keras.callbacks.Callback):
 
         # Checkpoint first: history.csv never runs ahead of what --resume can continue from.
         self.save_checkpoint(run)
-        history.write_csv(run.path("history.csv"), run.history, run.vocab.level)
-        history.plot_curves(run.path("curves.png"), run.history, run.title)
+        history.write_csv(run.path(artifacts.HISTORY), run.history, run.vocab.level)
+        history.plot_curves(run.path(artifacts.CURVES), run.history, run.title)
         self._report(row, improved)
 
     def _report(self, row, improved):

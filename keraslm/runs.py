@@ -4,6 +4,7 @@ import os
 import zipfile
 import zlib
 
+from keraslm import artifacts
 from keraslm.config import RunConfig
 from keraslm.errors import UsageError, first_line
 from keraslm.vocab import Vocabulary
@@ -23,17 +24,17 @@ def load_run(run_dir, use_cudnn="auto"):
     """
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir} is not a directory; give a run directory written by train.py")
-    missing = [f for f in ("config.json", "vocab.json", "model.keras") if not os.path.exists(os.path.join(run_dir, f))]
+    missing = [f for f in artifacts.FINISHED_RUN_FILES if not os.path.exists(os.path.join(run_dir, f))]
     if missing:
         raise UsageError(f"{run_dir} is not a finished keraslm run (no {', '.join(missing)}); give a run directory")
-    config = RunConfig.load(os.path.join(run_dir, "config.json"))
-    vocab = Vocabulary.load(os.path.join(run_dir, "vocab.json"))
+    config = RunConfig.load(os.path.join(run_dir, artifacts.CONFIG))
+    vocab = Vocabulary.load(os.path.join(run_dir, artifacts.VOCAB))
     if len(vocab) != config.model.vocabulary_size:
         raise UsageError(
             f"{run_dir}: vocab.json has {len(vocab)} tokens but the model has {config.model.vocabulary_size} outputs"
         )
 
-    problem = archive_problem(os.path.join(run_dir, "model.keras"))
+    problem = archive_problem(os.path.join(run_dir, artifacts.BEST_MODEL))
     if problem:
         raise UsageError(
             f"{run_dir}/model.keras cannot be loaded: it is damaged ({problem}); train again or use another run"
@@ -44,7 +45,7 @@ def load_run(run_dir, use_cudnn="auto"):
     from keraslm.model import build_model
 
     try:
-        saved = keras.models.load_model(os.path.join(run_dir, "model.keras"), safe_mode=True)
+        saved = keras.models.load_model(os.path.join(run_dir, artifacts.BEST_MODEL), safe_mode=True)
     except Exception as e:  # Keras raises ValueError, OSError, zipfile errors … on a damaged file
         raise UsageError(f"{run_dir}/model.keras cannot be loaded ({first_line(e)}); it is damaged") from None
     # Compared before the twin is built: a config.json damaged into a huge model fails here, fast.

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from keraslm import serving
+from keraslm import artifacts, serving
 from keraslm.errors import UsageError, first_line
 from keraslm.versions import versions
 from keraslm.vocab import Vocabulary
@@ -38,12 +38,12 @@ def resolve_model(path):
     """
     if not os.path.isdir(path):
         raise UsageError(f"{path} is not a directory; give an exported model (saved_models/NAME) or a run directory")
-    if os.path.exists(os.path.join(path, "assets.extra", "keraslm.json")):
+    if os.path.exists(os.path.join(path, artifacts.EXTRA, artifacts.DESCRIPTION)):
         return "export", path
     found = versions(path)  # as TF Serving reads them: "²" or "v2" is no version
     if found:
         return resolve_model(os.path.join(path, found[max(found)]))
-    if os.path.exists(os.path.join(path, "config.json")) and os.path.exists(os.path.join(path, "model.keras")):
+    if all(os.path.exists(os.path.join(path, name)) for name in (artifacts.CONFIG, artifacts.BEST_MODEL)):
         return "run", path
     raise UsageError(f"{path} is neither a keraslm export (saved_models/NAME[/VERSION]) nor a run directory")
 
@@ -58,7 +58,7 @@ def load_description(version_dir):
     Raises:
         UsageError: the file is missing or damaged, naming it and the fix (export again).
     """
-    path = os.path.join(version_dir, "assets.extra", "keraslm.json")
+    path = os.path.join(version_dir, artifacts.EXTRA, artifacts.DESCRIPTION)
     try:
         with open(path, encoding="utf-8") as f:
             description = json.load(f)
@@ -102,7 +102,7 @@ def _states_problem(states, hidden_dim):
 def _model_file(version_dir, name):
     """The path of a model file keraslm.json names, which must lie inside the export's assets.extra:
     the file is loaded and run, so a name like "../../x" must not reach outside the export."""
-    extra = os.path.join(version_dir, "assets.extra")
+    extra = os.path.join(version_dir, artifacts.EXTRA)
     real_extra = os.path.realpath(extra)
     real_path = os.path.realpath(os.path.join(extra, name)) if isinstance(name, str) else real_extra
     if real_path == real_extra or os.path.commonpath([real_extra, real_path]) != real_extra:
@@ -207,7 +207,7 @@ class OnnxBackend(Backend):
         import onnxruntime
 
         description, vocab, states = load_description(version_dir)
-        name = "model.onnx"
+        name = artifacts.ONNX
         if int8:
             if "onnx_int8" not in description:
                 raise UsageError(f"{version_dir} has no int8 model (exported before keraslm wrote one); export again")
@@ -292,7 +292,7 @@ class KerasBackend(Backend):
         states = [
             {"input": f"{n}_in", "output": f"{n}_out", "shape": [None, hidden]} for n in state_names(config.model)
         ]
-        super().__init__(vocab, states, os.path.join(run_dir, "model.keras"), "train the run again")
+        super().__init__(vocab, states, os.path.join(run_dir, artifacts.BEST_MODEL), "train the run again")
         # The model's own step, traced once per shape (see keras_step).
         self._step, _ = keras_step(model, config.model, batch_size=1)
 

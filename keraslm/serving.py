@@ -12,6 +12,8 @@ import sys
 
 import numpy as np
 
+from keraslm import artifacts
+
 STEP_SIGNATURE = "serving_default"
 GENERATE_SIGNATURE = "generate"
 
@@ -112,6 +114,6 @@ def _to_json(value):
 if __name__ == "__main__":
     import os
 
-    with open(os.path.join(sys.argv[1], "assets.extra", "keraslm.json"), encoding="utf-8") as f:
+    with open(os.path.join(sys.argv[1], artifacts.EXTRA, artifacts.DESCRIPTION), encoding="utf-8") as f:
         for name, body in examples(json.load(f)).items():
             print(f"# {name}\n{json.dumps(body)}")

@@ -20,8 +20,8 @@ import zipfile
 
 import keras
 
+from keraslm import artifacts, distribute, history, loop
 from keraslm import callbacks as run_callbacks
-from keraslm import distribute, history, loop
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
 from keraslm.errors import UsageError, first_line
@@ -32,12 +32,9 @@ from keraslm.model import build_model, reset_states
 from keraslm.runs import archive_problem
 from keraslm.vocab import Vocabulary
 
-CHECKPOINT = "checkpoint.keras"
 # Every file the run directory holds; only their temporaries count as stale after a kill -9.
-RUN_FILES = ("config.json", "vocab.json", "model.keras", CHECKPOINT, "history.csv", "curves.png", "results.json")
 # The run's bookkeeping travels inside the checkpoint's zip, so weights, optimizer state and
 # epoch are replaced together by one rename and can never disagree.
-CHECKPOINT_STATE = "keraslm_state.json"
 
 
 class Interrupted(Exception):
@@ -77,7 +74,7 @@ class Run:
 
     def save_best_model(self):
         """Write the twin (current weights, no optimizer) as model.keras, atomically."""
-        with atomic_path(self.path("model.keras")) as tmp:
+        with atomic_path(self.path(artifacts.BEST_MODEL)) as tmp:
             self.twin.save(tmp)
 
     def state(self):
@@ -112,10 +109,10 @@ def seed_states(model):
 def save_checkpoint(run, model):
     """Weights, optimizer state (learning rate included), RNG state and bookkeeping, in one atomic file."""
     state = {**run.state(), "seed_states": [v.numpy().tolist() for v in seed_states(model)]}
-    with atomic_path(run.path(CHECKPOINT)) as tmp:
+    with atomic_path(run.path(artifacts.CHECKPOINT)) as tmp:
         model.save(tmp)
         with zipfile.ZipFile(tmp, "a") as archive:
-            archive.writestr(CHECKPOINT_STATE, json.dumps(state))
+            archive.writestr(artifacts.CHECKPOINT_STATE, json.dumps(state))
     run.checkpoint_epoch = run.epoch
 
 
@@ -125,7 +122,7 @@ def load_checkpoint(run, model):
     The archive's CRCs and the bookkeeping's keys and types are checked before any of it is
     used, so a damaged checkpoint is one UsageError naming it, never a Keras or h5py traceback.
     """
-    path = run.path(CHECKPOINT)
+    path = run.path(artifacts.CHECKPOINT)
 
     def damaged(reason):
         return UsageError(f"--resume: {path} is damaged ({reason}); start a new run")
@@ -137,26 +134,26 @@ def load_checkpoint(run, model):
         raise damaged(problem)
     try:
         with zipfile.ZipFile(path) as archive:
-            state = json.loads(archive.read(CHECKPOINT_STATE))
+            state = json.loads(archive.read(artifacts.CHECKPOINT_STATE))
     except KeyError:
-        raise damaged(f"no {CHECKPOINT_STATE}") from None
+        raise damaged(f"no {artifacts.CHECKPOINT_STATE}") from None
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, too deep
-        raise damaged(f"{CHECKPOINT_STATE}: {first_line(e)}") from None
+        raise damaged(f"{artifacts.CHECKPOINT_STATE}: {first_line(e)}") from None
     # What save_checkpoint writes, by JSON type; counts are never negative, and true is no number.
     kinds = {"epoch": int, "best_epoch": int, "wait": int, "best_val_loss": (int, float), "history": list}
     kinds |= {"config": dict, "vocabulary_sha256": str, "seed_states": list}
     if not isinstance(state, dict):
-        raise damaged(f"{CHECKPOINT_STATE} is not a JSON object")
+        raise damaged(f"{artifacts.CHECKPOINT_STATE} is not a JSON object")
     for key, kind in kinds.items():
         value = state.get(key)
         if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
-            raise damaged(f"{CHECKPOINT_STATE}: {key} is missing or not of the right type")
+            raise damaged(f"{artifacts.CHECKPOINT_STATE}: {key} is missing or not of the right type")
     if not all(isinstance(row, dict) for row in state["history"]):
-        raise damaged(f"{CHECKPOINT_STATE}: history holds something other than per-epoch objects")
+        raise damaged(f"{artifacts.CHECKPOINT_STATE}: history holds something other than per-epoch objects")
     try:
         saved = RunConfig.from_dict(state["config"])
     except UsageError as e:
-        raise damaged(f"{CHECKPOINT_STATE}: config: {e}") from None
+        raise damaged(f"{artifacts.CHECKPOINT_STATE}: config: {e}") from None
     saved.train.epochs = run.config.train.epochs  # only the epoch count may change on resume
     if saved != run.config:
         raise UsageError(f"--resume: {path} was written with another configuration; start a new run")
@@ -164,7 +161,7 @@ def load_checkpoint(run, model):
         raise UsageError(f"--resume: {path} was written with another vocabulary than vocab.json; start a new run")
     variables = seed_states(model)
     if len(state["seed_states"]) != len(variables):
-        raise damaged(f"{CHECKPOINT_STATE}: seed_states does not match the model's dropout layers")
+        raise damaged(f"{artifacts.CHECKPOINT_STATE}: seed_states does not match the model's dropout layers")
     try:
         model.load_weights(path)
         for variable, value in zip(variables, state["seed_states"], strict=True):
@@ -244,7 +241,7 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         Interrupted: Ctrl-C or SIGTERM; the checkpoint of the last finished epoch is intact.
     """
     config.validate()
-    if resume and not os.path.exists(os.path.join(run_dir, CHECKPOINT)):  # on every worker, before any work
+    if resume and not os.path.exists(os.path.join(run_dir, artifacts.CHECKPOINT)):  # on every worker, before any work
         raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     strategy = distribute.make_strategy(strategy)
     if config.train.jit_compile and distribute.is_multi_worker(strategy):
@@ -268,7 +265,7 @@ def writable_run_dir(run_dir, strategy, resume):
     if distribute.is_chief(strategy):
         with locked_directory(run_dir):
             # Checked again under the lock: two trainings started together both pass train.py's check.
-            if not resume and os.path.exists(os.path.join(run_dir, "config.json")):
+            if not resume and os.path.exists(os.path.join(run_dir, artifacts.CONFIG)):
                 raise UsageError(
                     f"{run_dir} already holds a run; add --resume to continue it or choose another --run-dir"
                 )
@@ -277,7 +274,7 @@ def writable_run_dir(run_dir, strategy, resume):
     scratch = tempfile.mkdtemp(prefix="keraslm-worker-")
     try:
         if resume:
-            for name in ("config.json", "vocab.json", CHECKPOINT):
+            for name in (artifacts.CONFIG, artifacts.VOCAB, artifacts.CHECKPOINT):
                 shutil.copy(os.path.join(run_dir, name), scratch)
         yield scratch
     finally:
@@ -300,7 +297,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
 
     splits = load_corpus(config.data)
     if resume:
-        vocab = Vocabulary.load(os.path.join(run_dir, "vocab.json"))
+        vocab = Vocabulary.load(os.path.join(run_dir, artifacts.VOCAB))
     else:
         vocab = Vocabulary.build(splits["train"], config.data.level, config.data.min_freq, config.data.max_vocab)
     config.model.vocabulary_size = len(vocab)
@@ -315,7 +312,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
         if dry_run:
             datasets[name] = datasets[name].take(2)
 
-    remove_stale_temporaries(run_dir, RUN_FILES)
+    remove_stale_temporaries(run_dir, artifacts.RUN_FILES)
     run = Run(run_dir, config, vocab)
     with strategy.scope():
         # Each replica's layers carry the state of its own batch_size / replicas columns.
@@ -331,8 +328,8 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
         load_checkpoint(run, model)
         print(f"resuming {run_dir} after epoch {run.epoch} (lr {run_callbacks.learning_rate(model):g})")
     else:
-        config.save(run.path("config.json"))
-        vocab.save(run.path("vocab.json"))
+        config.save(run.path(artifacts.CONFIG))
+        vocab.save(run.path(artifacts.VOCAB))
         save_checkpoint(run, model)
 
     tokens = {name: len(stream) for name, stream in ids.items()}
@@ -349,14 +346,14 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
         # Our own progress bar, so that the recorder's report prints after its last line.
         keras.callbacks.ProgbarLogger(),
         recorder,
-        keras.callbacks.TensorBoard(run.path("tensorboard"), write_graph=False),
+        keras.callbacks.TensorBoard(run.path(artifacts.TENSORBOARD), write_graph=False),
     ]
     if run.epoch < train_config.epochs:
         try:
             loop.fit(model, datasets["train"], datasets["valid"], train_config.epochs, run.epoch, callbacks, verbose)
         except KeyboardInterrupt:
             raise Interrupted(
-                f"interrupted; {os.path.join(shown_run_dir, CHECKPOINT)} holds epoch {run.checkpoint_epoch}: "
+                f"interrupted; {os.path.join(shown_run_dir, artifacts.CHECKPOINT)} holds epoch {run.checkpoint_epoch}: "
                 f"continue with python train.py --resume --run-dir {shown_run_dir}"
             ) from None
     if recorder.diverged:
@@ -366,7 +363,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
 
 def evaluate_best(run, model, test_dataset, verbose):
     """Load model.keras into the training model, evaluate on the test split, write results.json."""
-    best = keras.models.load_model(run.path("model.keras"))  # safe mode: no code from the file
+    best = keras.models.load_model(run.path(artifacts.BEST_MODEL))  # safe mode: no code from the file
     model.set_weights(best.get_weights())
     reset_states(model)
     test_loss = float(loop.evaluate(model, test_dataset, verbose)["loss"])
@@ -381,7 +378,7 @@ def evaluate_best(run, model, test_dataset, verbose):
     if run.vocab.level == "char":
         results["best_val_bpc"] = run.best_val_loss / math.log(2)
         results["test_bpc"] = test_loss / math.log(2)
-    write_text_atomic(run.path("results.json"), json.dumps(results, indent=2) + "\n")
+    write_text_atomic(run.path(artifacts.RESULTS), json.dumps(results, indent=2) + "\n")
     figures = ", ".join(f"{k} {v:.4f}" for k, v in results.items() if k != "best_epoch")
     print(f"best epoch {run.best_epoch}: {figures}")
     return results

@@ -22,9 +22,10 @@ import time
 
 import tensorflow as tf
 
+from keraslm import artifacts
 from keraslm.errors import UsageError, first_line
 from keraslm.export.checks import check_generate, check_parity
-from keraslm.export.int8 import INT8_ONNX, check_int8, write_onnx_int8
+from keraslm.export.int8 import check_int8, write_onnx_int8
 from keraslm.export.onnx import write_onnx
 from keraslm.export.publish import (
     check_version_number,
@@ -68,13 +69,13 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
 def _write_artifacts(tmp, base_dir, config, vocab, twin, limits):
     """Write the SavedModel, model.onnx, model.int8.onnx and keraslm.json into `tmp`; return the
     ONNX model."""
-    extra = os.path.join(tmp, "assets.extra")
+    extra = os.path.join(tmp, artifacts.EXTRA)
     try:
         write_saved_model(ServingFunctions(config, vocab, twin, limits), tmp)
         os.makedirs(extra, exist_ok=True)
-        onnx_proto = write_onnx(twin, config.model, os.path.join(extra, "model.onnx"))
-        write_onnx_int8(os.path.join(extra, "model.onnx"), os.path.join(extra, INT8_ONNX))
-        with open(os.path.join(extra, "keraslm.json"), "w", encoding="utf-8") as f:
+        onnx_proto = write_onnx(twin, config.model, os.path.join(extra, artifacts.ONNX))
+        write_onnx_int8(os.path.join(extra, artifacts.ONNX), os.path.join(extra, artifacts.INT8_ONNX))
+        with open(os.path.join(extra, artifacts.DESCRIPTION), "w", encoding="utf-8") as f:
             json.dump(artifact_description(config, vocab, limits), f, ensure_ascii=False, indent=1)
     except (OSError, tf.errors.OpError) as e:  # TensorFlow's own file system reports OpErrors
         raise UsageError(f"--out: cannot write the export in {base_dir} ({first_line(e)})") from None
@@ -96,15 +97,15 @@ def _check_as_served(tmp, twin, model_config, vocab):
 
 
 def _report(version_dir, seconds, parity, int8, onnx_proto):
-    extra = os.path.join(version_dir, "assets.extra")
+    extra = os.path.join(version_dir, artifacts.EXTRA)
     return {
         "seconds": seconds,
         "parity": parity,
         "int8": int8,
         "onnx_ops": sorted({node.op_type for node in onnx_proto.graph.node}),
         "sizes": {
-            "saved_model": folder_size(version_dir, exclude="assets.extra"),
-            "model.onnx": os.path.getsize(os.path.join(extra, "model.onnx")),
-            INT8_ONNX: os.path.getsize(os.path.join(extra, INT8_ONNX)),
+            "saved_model": folder_size(version_dir, exclude=artifacts.EXTRA),
+            artifacts.ONNX: os.path.getsize(os.path.join(extra, artifacts.ONNX)),
+            artifacts.INT8_ONNX: os.path.getsize(os.path.join(extra, artifacts.INT8_ONNX)),
         },
     }

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from keraslm import artifacts
 from keraslm.errors import UsageError
 from keraslm.model import keras_step, state_names
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
@@ -58,7 +59,7 @@ def _onnx_outputs(version_dir, feed):
     import onnxruntime
 
     session = onnxruntime.InferenceSession(
-        os.path.join(version_dir, "assets.extra", "model.onnx"), providers=["CPUExecutionProvider"]
+        os.path.join(version_dir, artifacts.EXTRA, artifacts.ONNX), providers=["CPUExecutionProvider"]
     )
     onnx_names = [o.name for o in session.get_outputs()]
     return dict(zip(onnx_names, session.run(onnx_names, feed), strict=True))

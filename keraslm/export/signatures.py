@@ -8,8 +8,7 @@ never take TF Serving down.
 
 import tensorflow as tf
 
-from keraslm import __version__, graph_sampling
-from keraslm.export.int8 import INT8_ONNX
+from keraslm import __version__, artifacts, graph_sampling
 from keraslm.export.onnx_step import OPSET as ONNX_OPSET
 from keraslm.model import build_model, in_name, state_names
 from keraslm.sampling import MIN_TEMPERATURE
@@ -294,8 +293,8 @@ def artifact_description(config, vocab, limits):
         "config": config.to_dict(),
         "vocabulary": vocab.to_dict(),
         "limits": limits.to_dict(),
-        "onnx": {"path": "model.onnx", "opset": ONNX_OPSET},
-        "onnx_int8": {"path": INT8_ONNX, "weights": "int8, ONNX Runtime dynamic quantization"},
+        "onnx": {"path": artifacts.ONNX, "opset": ONNX_OPSET},
+        "onnx_int8": {"path": artifacts.INT8_ONNX, "weights": "int8, ONNX Runtime dynamic quantization"},
         "inputs": {"tokens": {"dtype": "int32", "shape": [None, None]}}
         | {f"{n}_in": {"dtype": "float32", "shape": [None, hidden]} for n in state_names(config.model)},
         "outputs": {"logits": {"dtype": "float32", "shape": [None, None, len(vocab)]}}
