@@ -16,6 +16,7 @@ from keras.src import backend, tree  # private: the two helpers Keras' own state
 from keras.src.utils import tracking
 
 from keraslm.config import ModelConfig
+from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
 
 
 @keras.saving.register_keras_serializable(package="keraslm")
@@ -214,17 +215,6 @@ class StatefulSimpleRNN(PerReplicaState, WindowKernel, keras.layers.SimpleRNN):
         return outputs[:, -1], outputs, [h]
 
 
-def state_names(model_config):
-    """Names of the per-layer state tensors, in the order the layers return them."""
-    kinds = ("h", "c") if model_config.cell == "lstm" else ("h",)
-    return [f"{k}{i}" for i in range(model_config.num_layers) for k in kinds]
-
-
-def in_name(output_name):
-    """The input a state output feeds on the next call: "h0_out" -> "h0_in"."""
-    return output_name.removesuffix("_out") + "_in"
-
-
 def _initializers(model_config):
     """Initialisers per layer kind. "keras": Keras' defaults (uniform ±0.05 embedding, Glorot and
     orthogonal kernels, forget-gate bias 1). "torch": pytorch/examples' word_language_model, i.e.
@@ -299,7 +289,7 @@ def build_model(
     c = model_config
     tokens = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="tokens")
     state_inputs = {
-        f"{name}_in": keras.Input(batch_shape=(batch_size, c.hidden_dim), dtype="float32", name=f"{name}_in")
+        input_name(name): keras.Input(batch_shape=(batch_size, c.hidden_dim), dtype="float32", name=input_name(name))
         for name in ([] if stateful else state_names(c))
     }
     if with_mask:
@@ -334,12 +324,13 @@ def build_model(
         if stateful:
             x = rnn(x)
         else:
-            kinds = ("h", "c") if c.cell == "lstm" else ("h",)
-            initial_state = [state_inputs[f"{k}{i}_in"] for k in kinds]
+            names = layer_state_names(c.cell, i)
+            initial_state = [state_inputs[input_name(name)] for name in names]
             x, *states = rnn(x, initial_state=initial_state, mask=state_inputs.get("mask"))
-            for k, state in zip(kinds, states, strict=True):
+            for name, state in zip(names, states, strict=True):
                 # float32 states under a mixed-precision policy, as the export contract says.
-                state_outputs[f"{k}{i}_out"] = keras.layers.Identity(name=f"{k}{i}_out", dtype="float32")(state)
+                out = output_name(name)
+                state_outputs[out] = keras.layers.Identity(name=out, dtype="float32")(state)
         if i < c.num_layers - 1:
             x = keras.layers.Dropout(c.dropout, name=f"rnn_{i}_dropout")(x)
     x = keras.layers.Dropout(c.dropout, name="output_dropout")(x)
@@ -379,7 +370,8 @@ def reset_states(model):
 
 def zero_state(model_config, batch_size):
     """NumPy zeros for every `{name}_in` input of the stateless twin."""
-    return {f"{n}_in": np.zeros((batch_size, model_config.hidden_dim), np.float32) for n in state_names(model_config)}
+    zeros = np.zeros((batch_size, model_config.hidden_dim), np.float32)
+    return {input_name(name): zeros.copy() for name in state_names(model_config)}
 
 
 def keras_step(twin, model_config, batch_size):

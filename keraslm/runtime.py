@@ -284,13 +284,15 @@ class KerasBackend(Backend):
     """A run directory's model.keras (checks a model before it is exported)."""
 
     def __init__(self, run_dir):
-        from keraslm.model import keras_step, state_names
+        from keraslm.model import keras_step
         from keraslm.runs import load_run
+        from keraslm.states import input_name, output_name, state_names
 
         config, vocab, model = load_run(run_dir)
         hidden = config.model.hidden_dim
         states = [
-            {"input": f"{n}_in", "output": f"{n}_out", "shape": [None, hidden]} for n in state_names(config.model)
+            {"input": input_name(n), "output": output_name(n), "shape": [None, hidden]}
+            for n in state_names(config.model)
         ]
         super().__init__(vocab, states, os.path.join(run_dir, artifacts.BEST_MODEL), "train the run again")
         # The model's own step, traced once per shape (see keras_step).

@@ -5,7 +5,8 @@ import pytest
 from keraslm.config import CELLS, ModelConfig
 from keraslm.data import tbptt_arrays
 from keraslm.errors import UsageError
-from keraslm.model import build_model, keras_step, reset_states, state_names
+from keraslm.model import build_model, keras_step, reset_states
+from keraslm.states import state_names
 from keraslm.vocab import Vocabulary
 
 

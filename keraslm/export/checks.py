@@ -7,8 +7,9 @@ import numpy as np
 
 from keraslm import artifacts
 from keraslm.errors import UsageError
-from keraslm.model import keras_step, state_names
+from keraslm.model import keras_step
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
+from keraslm.states import input_name, state_names
 
 PARITY_TOLERANCE = 1e-4
 
@@ -26,7 +27,7 @@ def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
     rng = np.random.default_rng(seed)
     feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
     feed |= {
-        f"{n}_in": rng.normal(0, 0.5, (batch_size, model_config.hidden_dim)).astype(np.float32)
+        input_name(n): rng.normal(0, 0.5, (batch_size, model_config.hidden_dim)).astype(np.float32)
         for n in state_names(model_config)
     }
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from keraslm import artifacts
 from keraslm.errors import UsageError
-from keraslm.model import state_names
+from keraslm.states import input_name, state_names
 
 # int8 weights change the model itself, so model.int8.onnx is checked against model.onnx by how far
 # its next-token distributions move (mean KL divergence, nats), not by parity.
@@ -38,7 +38,9 @@ def check_int8(version_dir, model_config, batch_size=4, length=32, seed=0):
 
     rng = np.random.default_rng(seed)
     feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
-    feed |= {f"{n}_in": np.zeros((batch_size, model_config.hidden_dim), np.float32) for n in state_names(model_config)}
+    feed |= {
+        input_name(n): np.zeros((batch_size, model_config.hidden_dim), np.float32) for n in state_names(model_config)
+    }
     extra = os.path.join(version_dir, artifacts.EXTRA)
     logits = [
         onnxruntime.InferenceSession(os.path.join(extra, name), providers=["CPUExecutionProvider"])

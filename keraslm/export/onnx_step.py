@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from keraslm.model import state_names
+from keraslm.states import input_name, output_name, state_names
 
 OPSET = 17
 
@@ -108,9 +108,9 @@ def build_step_graph(twin, model_config):
         nodes,
         "keraslm_step",
         [tensor("tokens", TensorProto.INT32, ["batch", "time"])]
-        + [tensor(f"{n}_in", TensorProto.FLOAT, ["batch", c.hidden_dim]) for n in states],
+        + [tensor(input_name(n), TensorProto.FLOAT, ["batch", c.hidden_dim]) for n in states],
         [tensor("logits", TensorProto.FLOAT, ["batch", "time", c.vocabulary_size])]
-        + [tensor(f"{n}_out", TensorProto.FLOAT, ["batch", c.hidden_dim]) for n in states],
+        + [tensor(output_name(n), TensorProto.FLOAT, ["batch", c.hidden_dim]) for n in states],
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="keraslm")

@@ -10,9 +10,10 @@ import tensorflow as tf
 
 from keraslm import __version__, artifacts, graph_sampling
 from keraslm.export.onnx_step import OPSET as ONNX_OPSET
-from keraslm.model import build_model, in_name, state_names
+from keraslm.model import build_model
 from keraslm.sampling import MIN_TEMPERATURE
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE
+from keraslm.states import in_name, input_name, output_name, state_names
 from keraslm.token_step import TokenStep
 
 FORMAT_VERSION = 1
@@ -54,7 +55,7 @@ class ServingFunctions:
 
         hidden = model_config.hidden_dim
         step_signature = [tf.TensorSpec([None, None], tf.int32, name="tokens")] + [
-            tf.TensorSpec([None, hidden], tf.float32, name=f"{name}_in") for name in self.states
+            tf.TensorSpec([None, hidden], tf.float32, name=input_name(name)) for name in self.states
         ]
         self.step = tf.function(self._step, input_signature=step_signature)
         self.generate = tf.function(
@@ -91,7 +92,7 @@ class ServingFunctions:
                 tf.shape(state),
             )
         tokens, *states = checks.passed(tokens, *states)
-        inputs = {"tokens": tokens, **{f"{n}_in": s for n, s in zip(self.states, states, strict=True)}}
+        inputs = {"tokens": tokens, **{input_name(n): s for n, s in zip(self.states, states, strict=True)}}
         return self.twin(inputs, training=False)  # {"logits": [B, T, V], "h0_out": [B, H], …}
 
     def _tokenize(self, prompt):
@@ -219,7 +220,7 @@ class ServingFunctions:
         batch = tf.shape(tokens)[0]
         zeros = tf.zeros([batch, self.model_config.hidden_dim], tf.float32)
         states = self.primer(
-            {"tokens": tokens, "mask": mask, **{f"{n}_in": zeros for n in self.states}}, training=False
+            {"tokens": tokens, "mask": mask, **{input_name(n): zeros for n in self.states}}, training=False
         )
         states = {in_name(name): value for name, value in states.items()}
         # The top layer's last state is its output at the last position (prompts are left-padded).
@@ -296,11 +297,11 @@ def artifact_description(config, vocab, limits):
         "onnx": {"path": artifacts.ONNX, "opset": ONNX_OPSET},
         "onnx_int8": {"path": artifacts.INT8_ONNX, "weights": "int8, ONNX Runtime dynamic quantization"},
         "inputs": {"tokens": {"dtype": "int32", "shape": [None, None]}}
-        | {f"{n}_in": {"dtype": "float32", "shape": [None, hidden]} for n in state_names(config.model)},
+        | {input_name(n): {"dtype": "float32", "shape": [None, hidden]} for n in state_names(config.model)},
         "outputs": {"logits": {"dtype": "float32", "shape": [None, None, len(vocab)]}}
-        | {f"{n}_out": {"dtype": "float32", "shape": [None, hidden]} for n in state_names(config.model)},
+        | {output_name(n): {"dtype": "float32", "shape": [None, hidden]} for n in state_names(config.model)},
         "states": [
-            {"name": n, "input": f"{n}_in", "output": f"{n}_out", "shape": [None, hidden], "initial": "zeros"}
+            {"name": n, "input": input_name(n), "output": output_name(n), "shape": [None, hidden], "initial": "zeros"}
             for n in state_names(config.model)
         ],
     }
