@@ -22,6 +22,13 @@ def load_run(run_dir, use_cudnn="auto"):
         (RunConfig, Vocabulary, keras.Model): the twin built from config.json with the weights of
         model.keras, loaded in Keras' safe mode (no code runs from the file).
     """
+    config, vocab = _config_and_vocabulary(run_dir)
+    saved = _best_model(run_dir)
+    return config, vocab, _stateless_twin(run_dir, config, saved, use_cudnn)
+
+
+def _config_and_vocabulary(run_dir):
+    """config.json and vocab.json of a finished run, checked to agree on the vocabulary size."""
     if not os.path.isdir(run_dir):
         raise UsageError(f"{run_dir} is not a directory; give a run directory written by train.py")
     missing = [f for f in artifacts.FINISHED_RUN_FILES if not os.path.exists(os.path.join(run_dir, f))]
@@ -33,7 +40,11 @@ def load_run(run_dir, use_cudnn="auto"):
         raise UsageError(
             f"{run_dir}: vocab.json has {len(vocab)} tokens but the model has {config.model.vocabulary_size} outputs"
         )
+    return config, vocab
 
+
+def _best_model(run_dir):
+    """model.keras as Keras loads it in safe mode, after its archive passes its CRC checks."""
     problem = archive_problem(os.path.join(run_dir, artifacts.BEST_MODEL))
     if problem:
         raise UsageError(
@@ -42,12 +53,16 @@ def load_run(run_dir, use_cudnn="auto"):
 
     import keras
 
-    from keraslm.model import build_model
-
     try:
-        saved = keras.models.load_model(os.path.join(run_dir, artifacts.BEST_MODEL), safe_mode=True)
+        return keras.models.load_model(os.path.join(run_dir, artifacts.BEST_MODEL), safe_mode=True)
     except Exception as e:  # Keras raises ValueError, OSError, zipfile errors … on a damaged file
         raise UsageError(f"{run_dir}/model.keras cannot be loaded ({first_line(e)}); it is damaged") from None
+
+
+def _stateless_twin(run_dir, config, saved, use_cudnn):
+    """The twin config.json describes, holding the weights of the saved model."""
+    from keraslm.model import build_model
+
     # Compared before the twin is built: a config.json damaged into a huge model fails here, fast.
     stored, described = saved.count_params(), config.model.num_parameters()
     if stored != described:
@@ -60,7 +75,7 @@ def load_run(run_dir, use_cudnn="auto"):
         twin.set_weights(saved.get_weights())
     except ValueError as e:
         raise UsageError(f"{run_dir}/model.keras does not match config.json ({first_line(e)})") from None
-    return config, vocab, twin
+    return twin
 
 
 def archive_problem(path):

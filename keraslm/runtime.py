@@ -2,9 +2,10 @@
 
     onnx        ONNX Runtime on assets.extra/model.onnx (no TensorFlow import: fast start),
                 or on model.int8.onnx, its int8-weight twin (int8=True)
-    savedmodel  the SavedModel's serving_default signature (generate signature: in_graph_generate)
+    savedmodel  the SavedModel's serving_default signature (generate signature: generate_in_graph)
     keras       a run directory's model.keras
-    tf-serving  a running TF Serving, REST (http://host:8501) or gRPC (grpc://host:8500)
+    tf-serving  a running TF Serving, REST (http://host:8501) or gRPC (grpc://host:8500), through
+                serving_client.py, which owns the requests' deadlines and size caps
 
 State is a dict of float32 arrays keyed by the step's input names (`h0_in`, `c0_in`, …); each
 backend turns the step's `*_out` outputs into the next call's `*_in` inputs. TensorFlow is imported
@@ -15,14 +16,12 @@ the process on some bad ones) and the outputs (a server, or a damaged model, can
 only finite float32 logits [B, T, V] and states [B, H] reach the sampler).
 """
 
-import io
 import json
 import os
-import time
 
 import numpy as np
 
-from keraslm import artifacts, serving
+from keraslm import artifacts, serving, serving_client
 from keraslm.errors import UsageError, first_line
 from keraslm.versions import versions
 from keraslm.vocab import Vocabulary
@@ -300,11 +299,11 @@ class KerasBackend(Backend):
 
 
 class TFServingBackend(Backend):
-    """A running TF Serving: REST (http[s]://host:8501) or gRPC (grpc://host:8500).
+    """A running TF Serving serving this export, over REST or gRPC (see serving_client).
 
     Args:
         version_dir: the local export, for its vocabulary and state names.
-        server: the server's URL.
+        server: the server's URL: http[s]://host:8501 (REST) or grpc://host:8500 (gRPC).
         model_name: the name TF Serving serves the model under.
         version: a version number, or None for the newest the server has.
         timeout: seconds for a whole request (connect, send, answer), however the server paces it.
@@ -312,138 +311,15 @@ class TFServingBackend(Backend):
 
     def __init__(self, version_dir, server, model_name, version=None, timeout=10.0):
         _, vocab, states = load_description(version_dir)
-        self.server, self.model_name, self.version, self.timeout = server.rstrip("/"), model_name, version, timeout
-        super().__init__(
-            vocab, states, f"TF Serving at {self.server}", "is it TF Serving, serving this export (--model-name)?"
-        )
-        if self.server.startswith("grpc://"):
-            import grpc
-            from tensorflow_serving.apis import prediction_service_pb2_grpc
-
-            self.channel = grpc.insecure_channel(self.server[len("grpc://") :])
-            self.stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
-            return
-        import urllib.parse
-
-        try:
-            parts = urllib.parse.urlsplit(self.server)
-            self.host, self.port, self.prefix = parts.hostname, parts.port, parts.path
-        except ValueError:  # a port that is not a number in [0, 65535], a broken [IPv6] address
-            self.host = None
-        if not self.server.startswith(("http://", "https://")) or not self.host:
-            raise UsageError(f"--server {server!r}: give http://host:8501 (REST) or grpc://host:8500")
+        self.client = serving_client.TFServingClient(server, model_name, version, timeout)
+        super().__init__(vocab, states, self.client.source, serving_client.REMEDY)
 
     def _run(self, inputs):
-        if self.server.startswith("grpc://"):
-            import grpc
-
-            request = serving.grpc_request(self.model_name, serving.STEP_SIGNATURE, inputs, self.version)
-            try:
-                response = self.stub.Predict(request, timeout=self.timeout)  # a deadline for the whole call
-            except grpc.RpcError as e:
-                raise UsageError(f"{self.source} answered {e.code().name}: {_one_line(e.details())}") from None
-            try:
-                return serving.grpc_outputs(response)
-            except (ValueError, TypeError) as e:
-                raise UsageError(
-                    f"{self.source} sent tensors keraslm cannot read ({_one_line(e)}); {self.remedy}"
-                ) from None
         # A generous cap on the answer: a number of the step's outputs takes ~15 bytes of JSON, or
         # ~40 pretty-printed one per line as TF Serving writes them; a larger answer is not the step's.
         batch, length = inputs["tokens"].shape
         numbers = batch * length * len(self.vocab) + sum(batch * s["shape"][-1] for s in self.states)
-        body = self._post(serving.rest_body(serving.STEP_SIGNATURE, inputs), limit=64 * numbers + 2**20)
-        try:
-            return serving.rest_outputs(body)
-        except ValueError as e:
-            raise UsageError(f"{self.source} sent no step outputs ({_one_line(e)}); {self.remedy}") from None
-
-    def _post(self, body, limit):
-        """POST a REST predict body; the answer's JSON, read within `timeout` seconds in all and at
-        most `limit` bytes (a socket timeout alone restarts with every byte that arrives)."""
-        import http.client
-
-        url = self.server + serving.predict_path(self.model_name, self.version)
-        deadline = time.monotonic() + self.timeout
-        connection_class = http.client.HTTPSConnection if url.startswith("https://") else http.client.HTTPConnection
-        connection = connection_class(self.host, self.port, timeout=self.timeout)
-        try:
-            try:
-                connection.connect()
-            except OSError as e:
-                raise UsageError(
-                    f"cannot reach TF Serving at {self.server} ({first_line(e)}); is it running?"
-                ) from None
-            try:
-                connection.sock.settimeout(_time_left(deadline))  # sending, too, counts against the deadline
-                path = self.prefix + serving.predict_path(self.model_name, self.version)
-                connection.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
-                response = http.client.HTTPResponse(_DeadlineReader(connection.sock, deadline), method="POST")
-                response.begin()
-                data = bytearray()
-                while chunk := response.read(65536):
-                    data += chunk
-                    if len(data) > limit:
-                        raise UsageError(
-                            f"{self.source} sent more than {limit} bytes, far more than the step's outputs take;"
-                            f" {self.remedy}"
-                        )
-            except TimeoutError:
-                raise UsageError(
-                    f"{self.source} sent no complete answer within {self.timeout:g} s (--timeout)"
-                ) from None
-            except (OSError, http.client.HTTPException) as e:
-                raise UsageError(f"the request to {url} failed ({_one_line(e)})") from None
-        finally:
-            connection.close()
-        if response.status != 200:
-            detail = data.decode("utf-8", "replace")
-            try:
-                answer = json.loads(detail)
-                detail = answer.get("error", detail) if isinstance(answer, dict) else detail
-            except (ValueError, RecursionError):
-                pass
-            raise UsageError(f"TF Serving at {url} answered {response.status}: {_one_line(detail)}")
-        try:
-            return json.loads(data)
-        except (ValueError, RecursionError) as e:
-            raise UsageError(
-                f"{self.source} answered with something that is not JSON ({_one_line(e)}); {self.remedy}"
-            ) from None
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket as http.client.HTTPResponse reads it (through `makefile`), except that every read
-    waits only for the time left before `deadline`: the whole answer, headers included, then has
-    that long, however slowly the server drips it."""
-
-    def __init__(self, sock, deadline):
-        self.sock, self.deadline = sock, deadline
-
-    def makefile(self, mode):
-        return io.BufferedReader(self)
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        self.sock.settimeout(_time_left(self.deadline))
-        return self.sock.recv_into(buffer)
-
-
-def _time_left(deadline):
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    return left
-
-
-def _one_line(text, limit=200):
-    """Text a server sent, made safe for a one-line message: its first line, cut short, with
-    control characters (terminal escapes among them) replaced by "?"."""
-    lines = str(text).strip().splitlines()
-    line = lines[0][:limit] if lines else ""
-    return "".join(c if c.isprintable() else "?" for c in line) or "no details"
+        return self.client.predict(serving.STEP_SIGNATURE, inputs, limit=64 * numbers + 2**20)
 
 
 def open_backend(model, backend=None, server=None, model_name=None, version=None, timeout=10.0, int8=False):

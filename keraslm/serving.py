@@ -3,8 +3,9 @@
 REST (`POST /v1/models/NAME[/versions/V]:predict`) uses the columnar `inputs` format: the row
 format (`instances`) needs every input to share a batch dimension, which the scalar inputs of
 `generate` (max_new_tokens, temperature, …) do not have. gRPC builds a `PredictRequest` with one
-TensorProto per input. The same functions serve sample.py's tf-serving backend, the README's
-examples (`python -m keraslm.serving VERSION_DIR` prints them) and the tests.
+TensorProto per input. The same functions serve sample.py's tf-serving backend (sent by
+serving_client.py), the README's examples (`python -m keraslm.serving VERSION_DIR` prints them) and
+the tests.
 """
 
 import json

@@ -17,6 +17,9 @@ from keraslm.states import in_name, input_name, output_name, state_names
 from keraslm.token_step import TokenStep
 
 FORMAT_VERSION = 1
+# Every character Python's str.split() splits on but "\n" (which becomes <eos>), as an RE2 class:
+# Vocabulary splits words with str.split(), tf.strings.split only on ASCII whitespace.
+_WHITESPACE = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x110000)) if c.isspace() and c != "\n") + "]"
 
 
 class ServingFunctions:
@@ -45,13 +48,8 @@ class ServingFunctions:
         self.token_step = TokenStep(twin, model_config)
         self.level = vocab.level
         self.vocabulary_size = len(vocab)
-        self.tokens = tf.constant(vocab.tokens)
-        self.table = tf.lookup.StaticHashTable(
-            tf.lookup.KeyValueTensorInitializer(self.tokens, tf.range(len(vocab), dtype=tf.int64)),
-            default_value=vocab.unk_id if vocab.unk_id is not None else -1,
-        )
-        start = vocab.start_token
-        self.start_id = vocab.index[start] if start is not None else -1
+        self.tokenizer = PromptTokenizer(vocab)
+        self.tokens, self.table, self.start_id = self.tokenizer.tokens, self.tokenizer.table, self.tokenizer.start_id
 
         hidden = model_config.hidden_dim
         step_signature = [tf.TensorSpec([None, None], tf.int32, name="tokens")] + [
@@ -94,15 +92,6 @@ class ServingFunctions:
         tokens, *states = checks.passed(tokens, *states)
         inputs = {"tokens": tokens, **{input_name(n): s for n, s in zip(self.states, states, strict=True)}}
         return self.twin(inputs, training=False)  # {"logits": [B, T, V], "h0_out": [B, H], …}
-
-    def _tokenize(self, prompt):
-        """Prompts [B] to ragged ids [B, (length)], as Vocabulary.encode splits them."""
-        if self.level == "char":
-            pieces = tf.strings.unicode_split(prompt, "UTF-8")
-        else:
-            pieces = tf.strings.split(tf.strings.regex_replace(prompt, "\n", " <eos> "))
-        ids = tf.ragged.map_flat_values(self.table.lookup, pieces)
-        return tf.cast(tf.ragged.boolean_mask(ids, ids >= 0), tf.int32)  # char level: drop unknown
 
     def _pad(self, ids, seed):
         """Ragged ids to left-padded ids [B, T] and a mask; an empty prompt gets the start token."""
@@ -157,7 +146,7 @@ class ServingFunctions:
         # No rank checks: see _step (a scalar fed as [n] fails TF's own checks with InvalidArgument).
         batch = tf.size(prompt)
         prompt, *scalars = self._check_arguments(checks, batch, prompt, *scalars)
-        ids = self._tokenize(prompt)
+        ids = self.tokenizer(prompt)
         lengths = ids.row_lengths()
         longest = tf.cast(tf.reduce_max(lengths), tf.int32)
         checks.require(
@@ -238,6 +227,42 @@ class ServingFunctions:
         _, _, _, generated = tf.while_loop(lambda t, *_: t < max_new_tokens, body, (0, logits, states, generated))
         ids = tf.reshape(tf.transpose(generated.stack()), [batch, max_new_tokens])
         return {"text": self._decode(ids), "tokens": ids}
+
+
+class PromptTokenizer:
+    """Vocabulary.encode in the graph: prompts [B] to ragged ids [B, (length)].
+
+    Char level drops the characters the vocabulary lacks (Vocabulary.encode's skip_unknown: a
+    server cannot ask the user); word level maps them to `<unk>`. tests/test_tokenizer_agreement.py
+    holds both tokenizers to the same ids on arbitrary text.
+
+    Args:
+        vocab: the run's Vocabulary.
+
+    Example:
+        tokenize = PromptTokenizer(vocab)
+        ids = tokenize(tf.constant(["to be or\\n"]))  # tf.RaggedTensor [[…, <eos> id]]
+    """
+
+    def __init__(self, vocab):
+        self.level = vocab.level
+        self.tokens = tf.constant(vocab.tokens)
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(self.tokens, tf.range(len(vocab), dtype=tf.int64)),
+            default_value=vocab.unk_id if vocab.unk_id is not None else -1,
+        )
+        start = vocab.start_token
+        self.start_id = vocab.index[start] if start is not None else -1  # what an empty prompt begins with
+
+    def __call__(self, prompt):
+        """Ragged int32 ids [B, (length)] of prompts, a string tensor [B]."""
+        if self.level == "char":
+            pieces = tf.strings.unicode_split(prompt, "UTF-8")
+        else:
+            words = tf.strings.regex_replace(tf.strings.regex_replace(prompt, _WHITESPACE, " "), "\n", " <eos> ")
+            pieces = tf.strings.split(words)
+        ids = tf.ragged.map_flat_values(self.table.lookup, pieces)
+        return tf.cast(tf.ragged.boolean_mask(ids, ids >= 0), tf.int32)  # char level: drop unknown
 
 
 class _Checks:
