@@ -42,7 +42,7 @@ def load_run(run_dir, use_cudnn="auto"):
 
     import keras
 
-    from keraslm.model import build_model
+    from keraslm.model import build_step_model
 
     try:
         saved = keras.models.load_model(os.path.join(run_dir, artifacts.BEST_MODEL), safe_mode=True)
@@ -55,7 +55,7 @@ def load_run(run_dir, use_cudnn="auto"):
             f"{run_dir}/model.keras does not match config.json ({stored:,} parameters, config.json describes "
             f"{described:,}); the run directory is damaged"
         )
-    twin = build_model(config.model, use_cudnn=use_cudnn)
+    twin = build_step_model(config.model, use_cudnn=use_cudnn)
     try:
         twin.set_weights(saved.get_weights())
     except ValueError as e:
