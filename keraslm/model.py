@@ -19,6 +19,17 @@ from keras.src.utils import tracking
 from keraslm.config import ModelConfig
 from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
 
+# The names of the layers that hold weights: checkpoints, model.keras and the ONNX export find
+# the weights by them, so they never change.
+ONE_HOT_LAYER = "one_hot"
+EMBEDDING_LAYER = "embedding"
+PROJECTION_LAYER = "logits"
+
+
+def recurrent_layer_name(index):
+    """The name of recurrent layer `index` (0 at the bottom): "rnn_0", "rnn_1", …"""
+    return f"rnn_{index}"
+
 
 @keras.saving.register_keras_serializable(package="keraslm")
 class OneHot(keras.layers.Layer):
@@ -241,9 +252,9 @@ def _embedding_layer(model_config):
     """The input layer: "one_hot", or "embedding" (a TiedEmbedding when it also projects)."""
     c = model_config
     if c.one_hot:
-        return OneHot(c.vocabulary_size, name="one_hot")
+        return OneHot(c.vocabulary_size, name=ONE_HOT_LAYER)
     embedding = TiedEmbedding if c.tie_weights else keras.layers.Embedding
-    return embedding(c.vocabulary_size, c.embedding_dim, name="embedding", **_initializers(c)["embedding"])
+    return embedding(c.vocabulary_size, c.embedding_dim, name=EMBEDDING_LAYER, **_initializers(c)["embedding"])
 
 
 def _recurrent_layer(model_config, index, stateful, use_cudnn):
@@ -253,7 +264,7 @@ def _recurrent_layer(model_config, index, stateful, use_cudnn):
         return_sequences=True,
         return_state=not stateful,
         stateful=stateful,
-        name=f"rnn_{index}",
+        name=recurrent_layer_name(index),
     )
     common.update(_initializers(model_config)["rnn"])
     cell = model_config.cell
@@ -275,7 +286,7 @@ def _projection_layer(model_config):
     # mixed_bfloat16 (see Projection).
     bfloat16 = keras.mixed_precision.global_policy().name == "mixed_bfloat16"
     return Projection(
-        c.vocabulary_size, dtype=None if bfloat16 else "float32", name="logits", **_initializers(c)["dense"]
+        c.vocabulary_size, dtype=None if bfloat16 else "float32", name=PROJECTION_LAYER, **_initializers(c)["dense"]
     )
 
 
@@ -315,19 +326,19 @@ class ModelLayers:
     def of(cls, model_config, model):
         """The layers of a model built here, to wire into another that shares their weights."""
         c = model_config
-        embedding = model.get_layer("one_hot" if c.one_hot else "embedding")
-        recurrent = [model.get_layer(f"rnn_{i}") for i in range(c.num_layers)]
-        return cls(c, embedding, recurrent, None if c.tie_weights else model.get_layer("logits"))
+        embedding = model.get_layer(ONE_HOT_LAYER if c.one_hot else EMBEDDING_LAYER)
+        recurrent = [model.get_layer(recurrent_layer_name(i)) for i in range(c.num_layers)]
+        return cls(c, embedding, recurrent, None if c.tie_weights else model.get_layer(PROJECTION_LAYER))
 
     def embed(self, tokens):
-        """Token ids [B, T] to the bottom recurrent layer's input [B, T, E], dropout included."""
+        """Token ids [B, T] to the bottom recurrent layer's input [B, T, E] (one-hot: E = V), dropout included."""
         return keras.layers.Dropout(self.model_config.dropout, name="embedding_dropout")(self.embedding(tokens))
 
-    def between(self, index, x):
+    def dropout_after(self, index, x):
         """Recurrent layer `index`'s output with the dropout before the next layer (none after the top)."""
         if index == self.model_config.num_layers - 1:
             return x
-        return keras.layers.Dropout(self.model_config.dropout, name=f"rnn_{index}_dropout")(x)
+        return keras.layers.Dropout(self.model_config.dropout, name=f"{recurrent_layer_name(index)}_dropout")(x)
 
     def head(self, x):
         """The top recurrent layer's output [B, T, H] to logits [B, T, V], dropout included."""
@@ -368,7 +379,7 @@ def _carry_states(layers, inputs, mask=None):
         for name, state in zip(names, states, strict=True):
             # float32 states under a mixed-precision policy, as the export contract says.
             state_outputs[output_name(name)] = keras.layers.Identity(name=output_name(name), dtype="float32")(state)
-        x = layers.between(i, x)
+        x = layers.dropout_after(i, x)
     return x, state_outputs
 
 
@@ -396,7 +407,7 @@ def build_training_model(model_config: ModelConfig, batch_size, use_cudnn="auto"
     tokens = _tokens_input(batch_size)
     x = layers.embed(tokens)
     for i, rnn in enumerate(layers.recurrent):
-        x = layers.between(i, rnn(x))
+        x = layers.dropout_after(i, rnn(x))
     return keras.Model(tokens, layers.head(x), name="keraslm")
 
 
