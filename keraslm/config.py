@@ -52,7 +52,7 @@ class ModelConfig:
     init: str = "keras"
 
     def num_parameters(self):
-        """The parameter count of the model `keraslm.model.build_model` makes from this config
+        """The parameter count of the models `keraslm.model` builds from this config
         (tests check it against Keras' own count); a vocabulary size of 0 counts no embedding or output."""
         vocabulary, hidden = self.vocabulary_size, self.hidden_dim
         # Each gate has an input kernel, a recurrent kernel and a bias; Keras' GRU (reset_after) two biases.

@@ -1,12 +1,13 @@
-"""The language model and its stateless twin.
+"""The language model: its layers, made once (`ModelLayers`), and the three models wired from them.
 
     tokens [B, T] ─► embedding (or one-hot) ─► dropout ─► L × recurrent layer (dropout between)
                  ─► dropout ─► logits [B, T, V]   (a Dense layer, or the embedding transposed)
 
-Training uses `stateful=True` layers with a fixed batch size: each layer keeps its last state in
-variables and starts the next window from it. Inference uses the stateless twin: the same layers
-and weights, with the state as explicit inputs `h{i}_in` (LSTM also `c{i}_in`) and outputs
-`h{i}_out` / `c{i}_out`, which is what TF Serving and ONNX Runtime need.
+`build_training_model`: stateful layers with a fixed batch size; each layer keeps its last state in
+variables and starts the next window from it. `build_step_model`, the stateless twin: the same
+layers and weights, with the state as explicit inputs `h{i}_in` (LSTM also `c{i}_in`) and outputs
+`h{i}_out` / `c{i}_out`, which is what TF Serving and ONNX Runtime need. `build_primer_model`: the
+twin's own layers with a mask input and only the states out, to prime prompts of different lengths.
 """
 
 import keras
@@ -17,6 +18,17 @@ from keras.src.utils import tracking
 
 from keraslm.config import ModelConfig
 from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
+
+# The names of the layers that hold weights: checkpoints, model.keras and the ONNX export find
+# the weights by them, so they never change.
+ONE_HOT_LAYER = "one_hot"
+EMBEDDING_LAYER = "embedding"
+PROJECTION_LAYER = "logits"
+
+
+def recurrent_layer_name(index):
+    """The name of recurrent layer `index` (0 at the bottom): "rnn_0", "rnn_1", …"""
+    return f"rnn_{index}"
 
 
 @keras.saving.register_keras_serializable(package="keraslm")
@@ -236,13 +248,23 @@ def _initializers(model_config):
     }
 
 
-def _recurrent_layer(model_config, name, stateful, use_cudnn):
+def _embedding_layer(model_config):
+    """The input layer: "one_hot", or "embedding" (a TiedEmbedding when it also projects)."""
+    c = model_config
+    if c.one_hot:
+        return OneHot(c.vocabulary_size, name=ONE_HOT_LAYER)
+    embedding = TiedEmbedding if c.tie_weights else keras.layers.Embedding
+    return embedding(c.vocabulary_size, c.embedding_dim, name=EMBEDDING_LAYER, **_initializers(c)["embedding"])
+
+
+def _recurrent_layer(model_config, index, stateful, use_cudnn):
+    """Recurrent layer "rnn_{index}": stateful ones keep their state in variables between calls."""
     common = dict(
         units=model_config.hidden_dim,
         return_sequences=True,
         return_state=not stateful,
         stateful=stateful,
-        name=name,
+        name=recurrent_layer_name(index),
     )
     common.update(_initializers(model_config)["rnn"])
     cell = model_config.cell
@@ -255,110 +277,176 @@ def _recurrent_layer(model_config, name, stateful, use_cudnn):
     return (StatefulSimpleRNN if stateful else keras.layers.SimpleRNN)(activation=activation, **common)
 
 
-def build_model(
-    model_config: ModelConfig, batch_size=None, stateful=False, use_cudnn="auto", with_mask=False, layers_of=None
-):
-    """Build the language model.
+def _projection_layer(model_config):
+    """The output layer "logits", or None when the tied embedding projects."""
+    c = model_config
+    if c.tie_weights:
+        return None
+    # float32 logits (and so a float32 loss) under any policy; bfloat16 products under
+    # mixed_bfloat16 (see Projection).
+    bfloat16 = keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+    return Projection(
+        c.vocabulary_size, dtype=None if bfloat16 else "float32", name=PROJECTION_LAYER, **_initializers(c)["dense"]
+    )
+
+
+class ModelLayers:
+    """The layers that hold a model's weights, made once, and how they are wired (the picture above).
+
+    The training, step and primer models wire layers named alike, so their weights line up. The
+    dropouts hold no weights: each model makes its own.
 
     Args:
         model_config: the architecture.
-        batch_size: static batch size; required when `stateful`.
-        stateful: True for training (state kept in layer variables, carried between calls).
-            False builds the stateless twin: inputs {"tokens", "h0_in", ...}, outputs
-            {"logits", "h0_out", ...}.
-        use_cudnn: passed to LSTM and GRU; export uses False so the graph runs on any CPU.
-        with_mask: stateless only: add a boolean input "mask" [B, T], where masked steps leave the
-            state as it was, and return only the states (no logits): the prompt primer export
-            runs over prompts of different lengths, left-padded.
-        layers_of: a stateless model built by this function whose layers (and so weights) the new
-            model reuses instead of making its own.
+        embedding: the input layer, "one_hot" or "embedding".
+        recurrent: the recurrent layers "rnn_0", "rnn_1", …, bottom first.
+        projection: the output layer "logits", or None when the embedding projects (tied weights).
 
-    Returns:
-        A functional `keras.Model`. The stateful model takes tokens and returns logits. Both
-        variants name their layers alike and hold the same weights in the same order, so
-        `twin.set_weights(model.get_weights())` moves a trained model over.
+    Example:
+        layers = ModelLayers.of(config, step_model)
+        logits = layers.logits(hidden)  # [B, H] -> [B, V]
+    """
+
+    def __init__(self, model_config, embedding, recurrent, projection):
+        self.model_config = model_config
+        self.embedding = embedding
+        self.recurrent = recurrent
+        self.projection = projection
+
+    @classmethod
+    def create(cls, model_config, stateful, use_cudnn="auto"):
+        """New layers; `stateful` recurrent layers (training) carry their state in variables.
+
+        `use_cudnn` goes to LSTM and GRU; export uses False so the graph runs on any CPU.
+        """
+        recurrent = [_recurrent_layer(model_config, i, stateful, use_cudnn) for i in range(model_config.num_layers)]
+        return cls(model_config, _embedding_layer(model_config), recurrent, _projection_layer(model_config))
+
+    @classmethod
+    def of(cls, model_config, model):
+        """The layers of a model built here, to wire into another that shares their weights."""
+        c = model_config
+        embedding = model.get_layer(ONE_HOT_LAYER if c.one_hot else EMBEDDING_LAYER)
+        recurrent = [model.get_layer(recurrent_layer_name(i)) for i in range(c.num_layers)]
+        return cls(c, embedding, recurrent, None if c.tie_weights else model.get_layer(PROJECTION_LAYER))
+
+    def embed(self, tokens):
+        """Token ids [B, T] to the bottom recurrent layer's input [B, T, E] (one-hot: E = V), dropout included."""
+        return keras.layers.Dropout(self.model_config.dropout, name="embedding_dropout")(self.embedding(tokens))
+
+    def dropout_after(self, index, x):
+        """Recurrent layer `index`'s output with the dropout before the next layer (none after the top)."""
+        if index == self.model_config.num_layers - 1:
+            return x
+        return keras.layers.Dropout(self.model_config.dropout, name=f"{recurrent_layer_name(index)}_dropout")(x)
+
+    def head(self, x):
+        """The top recurrent layer's output [B, T, H] to logits [B, T, V], dropout included."""
+        return self.logits(keras.layers.Dropout(self.model_config.dropout, name="output_dropout")(x))
+
+    def logits(self, hidden):
+        """Float32 logits [..., V] from hidden states [..., H], by the projection or the tied embedding."""
+        if self.projection is None:
+            return self.embedding(hidden, reverse=True)
+        return self.projection(hidden)
+
+
+def _tokens_input(batch_size):
+    return keras.Input(batch_shape=(batch_size, None), dtype="int32", name="tokens")
+
+
+def _state_inputs(model_config):
+    """The step model's state inputs {"h0_in": [B, H], …}, bottom layer first."""
+    return {
+        input_name(name): keras.Input(
+            batch_shape=(None, model_config.hidden_dim), dtype="float32", name=input_name(name)
+        )
+        for name in state_names(model_config)
+    }
+
+
+def _carry_states(layers, inputs, mask=None):
+    """Wire stateless layers: each starts from its `{name}_in` inputs and returns `{name}_out`.
+
+    Returns the top layer's output [B, T, H] and the dict of state outputs.
+    """
+    c = layers.model_config
+    x = layers.embed(inputs["tokens"])
+    state_outputs = {}
+    for i, rnn in enumerate(layers.recurrent):
+        names = layer_state_names(c.cell, i)
+        x, *states = rnn(x, initial_state=[inputs[input_name(name)] for name in names], mask=mask)
+        for name, state in zip(names, states, strict=True):
+            # float32 states under a mixed-precision policy, as the export contract says.
+            state_outputs[output_name(name)] = keras.layers.Identity(name=output_name(name), dtype="float32")(state)
+        x = layers.dropout_after(i, x)
+    return x, state_outputs
+
+
+def build_training_model(model_config: ModelConfig, batch_size, use_cudnn="auto"):
+    """The training model: tokens [batch_size, T] to logits [batch_size, T, V].
+
+    Its recurrent layers are stateful: each keeps its last state in variables and starts the next
+    call from it (`reset_states` zeroes them). It holds the step model's weights in the same
+    order, so `step_model.set_weights(model.get_weights())` moves a trained model over.
+
+    Args:
+        model_config: the architecture.
+        batch_size: the static batch size the carried state is made for.
+        use_cudnn: passed to LSTM and GRU.
 
     Example:
         config = ModelConfig(vocabulary_size=65, cell="gru", hidden_dim=128, embedding_dim=128)
-        train_model = build_model(config, batch_size=32, stateful=True)
-        twin = build_model(config)
-        twin.set_weights(train_model.get_weights())
+        model = build_training_model(config, batch_size=32)
+        step_model = build_step_model(config)
+        step_model.set_weights(model.get_weights())
     """
-    if stateful and not batch_size:
+    if not batch_size:
         raise ValueError("a stateful model needs a static batch_size")
-    c = model_config
-    tokens = keras.Input(batch_shape=(batch_size, None), dtype="int32", name="tokens")
-    state_inputs = {
-        input_name(name): keras.Input(batch_shape=(batch_size, c.hidden_dim), dtype="float32", name=input_name(name))
-        for name in ([] if stateful else state_names(c))
-    }
-    if with_mask:
-        state_inputs["mask"] = keras.Input(batch_shape=(batch_size, None), dtype="bool", name="mask")
+    layers = ModelLayers.create(model_config, stateful=True, use_cudnn=use_cudnn)
+    tokens = _tokens_input(batch_size)
+    x = layers.embed(tokens)
+    for i, rnn in enumerate(layers.recurrent):
+        x = layers.dropout_after(i, rnn(x))
+    return keras.Model(tokens, layers.head(x), name="keraslm")
 
-    initializers = _initializers(c)
 
-    def layer(name, make):
-        return layers_of.get_layer(name) if layers_of is not None else make(name=name)
+def build_step_model(model_config: ModelConfig, use_cudnn="auto"):
+    """The stateless twin: {"tokens", "h0_in", …} to {"logits", "h0_out", …}, any batch size.
 
-    if c.one_hot:
-        x = layer("one_hot", lambda name: OneHot(c.vocabulary_size, name=name))(tokens)
-    elif c.tie_weights:
-        embedding = layer(
-            "embedding",
-            lambda name: TiedEmbedding(c.vocabulary_size, c.embedding_dim, name=name, **initializers["embedding"]),
-        )
-        x = embedding(tokens)
-    else:
-        embedding = layer(
-            "embedding",
-            lambda name: keras.layers.Embedding(
-                c.vocabulary_size, c.embedding_dim, name=name, **initializers["embedding"]
-            ),
-        )
-        x = embedding(tokens)
-    x = keras.layers.Dropout(c.dropout, name="embedding_dropout")(x)
+    The state goes in and out explicitly (LSTM layers also have `c{i}_in` / `c{i}_out`), as TF
+    Serving and ONNX Runtime need; it is saved as model.keras and exported.
 
-    state_outputs = {}
-    for i in range(c.num_layers):
-        rnn = layer(f"rnn_{i}", lambda name: _recurrent_layer(c, name, stateful, use_cudnn))
-        if stateful:
-            x = rnn(x)
-        else:
-            names = layer_state_names(c.cell, i)
-            initial_state = [state_inputs[input_name(name)] for name in names]
-            x, *states = rnn(x, initial_state=initial_state, mask=state_inputs.get("mask"))
-            for name, state in zip(names, states, strict=True):
-                # float32 states under a mixed-precision policy, as the export contract says.
-                out = output_name(name)
-                state_outputs[out] = keras.layers.Identity(name=out, dtype="float32")(state)
-        if i < c.num_layers - 1:
-            x = keras.layers.Dropout(c.dropout, name=f"rnn_{i}_dropout")(x)
-    x = keras.layers.Dropout(c.dropout, name="output_dropout")(x)
+    Args:
+        model_config: the architecture.
+        use_cudnn: passed to LSTM and GRU; export uses False so the graph runs on any CPU.
+    """
+    layers = ModelLayers.create(model_config, stateful=False, use_cudnn=use_cudnn)
+    inputs = {"tokens": _tokens_input(None), **_state_inputs(model_config)}
+    x, state_outputs = _carry_states(layers, inputs)
+    return keras.Model(inputs, {"logits": layers.head(x), **state_outputs}, name="keraslm_step")
 
-    if c.tie_weights:
-        logits = embedding(x, reverse=True)
-    else:
-        # float32 logits (and so a float32 loss) under any policy; bfloat16 products under
-        # mixed_bfloat16 (see Projection).
-        bfloat16 = keras.mixed_precision.global_policy().name == "mixed_bfloat16"
-        dense = layer(
-            "logits",
-            lambda name: Projection(
-                c.vocabulary_size, dtype=None if bfloat16 else "float32", name=name, **initializers["dense"]
-            ),
-        )
-        logits = dense(x)  # (B, T, V)
 
-    if stateful:
-        return keras.Model(tokens, logits, name="keraslm")
-    inputs = {"tokens": tokens, **state_inputs}
-    if with_mask:
-        return keras.Model(inputs, state_outputs, name="keraslm_primer")
-    return keras.Model(inputs, {"logits": logits, **state_outputs}, name="keraslm_step")
+def build_primer_model(model_config: ModelConfig, step_model):
+    """The prompt primer over the step model's layers (one copy of the weights).
+
+    Inputs are the step model's and a boolean "mask" [B, T]: masked steps leave the state as it
+    was, so left-padded prompts of different lengths prime in one pass. Outputs are the states
+    {"h0_out", …} only, without [B, T, V] logits.
+
+    Args:
+        model_config: the architecture.
+        step_model: a model from `build_step_model`.
+    """
+    layers = ModelLayers.of(model_config, step_model)
+    mask = keras.Input(batch_shape=(None, None), dtype="bool", name="mask")
+    inputs = {"tokens": _tokens_input(None), **_state_inputs(model_config), "mask": mask}
+    _, state_outputs = _carry_states(layers, inputs, mask=mask)
+    return keras.Model(inputs, state_outputs, name="keraslm_primer")
 
 
 def recurrent_layers(model):
-    """The recurrent layers of a model built by `build_model`, bottom first."""
+    """The recurrent layers of a model built here, bottom first."""
     return [layer for layer in model.layers if isinstance(layer, keras.layers.RNN)]
 
 

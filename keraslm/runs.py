@@ -61,7 +61,7 @@ def _best_model(run_dir):
 
 def _stateless_twin(run_dir, config, saved, use_cudnn):
     """The twin config.json describes, holding the weights of the saved model."""
-    from keraslm.model import build_model
+    from keraslm.model import build_step_model
 
     # Compared before the twin is built: a config.json damaged into a huge model fails here, fast.
     stored, described = saved.count_params(), config.model.num_parameters()
@@ -70,7 +70,7 @@ def _stateless_twin(run_dir, config, saved, use_cudnn):
             f"{run_dir}/model.keras does not match config.json ({stored:,} parameters, config.json describes "
             f"{described:,}); the run directory is damaged"
         )
-    twin = build_model(config.model, use_cudnn=use_cudnn)
+    twin = build_step_model(config.model, use_cudnn=use_cudnn)
     try:
         twin.set_weights(saved.get_weights())
     except ValueError as e:

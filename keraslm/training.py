@@ -28,7 +28,7 @@ from keraslm.errors import UsageError, first_line
 from keraslm.files import atomic_path, remove_stale_temporaries, write_text_atomic
 from keraslm.locks import locked_directory
 from keraslm.losses import SparseCrossEntropy
-from keraslm.model import build_model, reset_states
+from keraslm.model import build_step_model, build_training_model, reset_states
 from keraslm.runs import archive_problem
 from keraslm.vocab import Vocabulary
 
@@ -54,7 +54,7 @@ class Run:
         self.run_dir = run_dir
         self.config = config
         self.vocab = vocab
-        self.twin = build_model(config.model)  # stateless: saved as model.keras, samples
+        self.twin = build_step_model(config.model)  # stateless: saved as model.keras, samples
         self.epoch = 0
         self.history = []
         self.best_val_loss = math.inf
@@ -316,7 +316,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
     run = Run(run_dir, config, vocab)
     with strategy.scope():
         # Each replica's layers carry the state of its own batch_size / replicas columns.
-        model = build_model(config.model, batch_size=replica_batch_size, stateful=True)
+        model = build_training_model(config.model, batch_size=replica_batch_size)
         model.compile(
             optimizer=make_optimizer(train_config),
             loss=SparseCrossEntropy(),  # Keras' sparse cross-entropy, 2-5× faster on a CPU (losses.py)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from keraslm.config import ModelConfig
-from keraslm.model import build_model
+from keraslm.model import build_step_model, build_training_model
 
 
 def sigmoid(x):
@@ -14,7 +14,7 @@ def sigmoid(x):
 def one_step(cell, **kwargs):
     """Run the twin one token from a random state; return (layer weights, x, h, (c), outputs)."""
     config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=1, embedding_dim=4, hidden_dim=3, **kwargs)
-    twin = build_model(config)
+    twin = build_step_model(config)
     rng = np.random.default_rng(1)
     for w in twin.weights:  # non-trivial biases and kernels
         w.assign(rng.normal(0, 0.5, w.shape).astype(np.float32))
@@ -124,7 +124,7 @@ def test_window_kernels_equal_keras_loop_and_its_gradients(cell):
 
     # It is what the stateful training model's layer runs here (a CPU).
     config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=1, embedding_dim=4, hidden_dim=3)
-    assert build_model(config, batch_size=2, stateful=True).get_layer("rnn_0")._window_kernel_applies(None)
+    assert build_training_model(config, batch_size=2).get_layer("rnn_0")._window_kernel_applies(None)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
@@ -182,7 +182,7 @@ def test_token_step_with_split_weights_equals_the_twin(cell, hidden_dim):
     from keraslm.token_step import TokenStep
 
     config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=2, embedding_dim=4, hidden_dim=hidden_dim)
-    twin = build_model(config)
+    twin = build_step_model(config)
     rng = np.random.default_rng(4)
     for w in twin.weights:
         w.assign(rng.normal(0, 0.5, w.shape).astype(np.float32))

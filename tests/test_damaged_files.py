@@ -230,13 +230,13 @@ def test_any_json_value_anywhere_is_accepted_or_one_usage_error(field, value):
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
 @pytest.mark.parametrize("inputs", [{}, {"tie_weights": True, "embedding_dim": 5}, {"one_hot": True}])
 def test_num_parameters_is_keras_count(cell, inputs):
-    from keraslm.model import build_model
+    from keraslm.model import build_step_model, build_training_model
 
     config = ModelConfig(
         **{"vocabulary_size": 11, "cell": cell, "num_layers": 3, "embedding_dim": 6, "hidden_dim": 5, **inputs}
     )
-    assert config.num_parameters() == build_model(config).count_params()
-    assert config.num_parameters() == build_model(config, batch_size=2, stateful=True).count_params()
+    assert config.num_parameters() == build_step_model(config).count_params()
+    assert config.num_parameters() == build_training_model(config, batch_size=2).count_params()
 
 
 # 2. checkpoint.keras: through train.py --resume, and in-process for every key of keraslm_state.json.
@@ -260,12 +260,12 @@ def test_damaged_checkpoint_is_refused_on_resume(run_dir, tmp_path, damage, frag
 def resume_in_process(run):
     """What train.py --resume does up to load_checkpoint: the compiled stateful model, then the checkpoint."""
     from keraslm.losses import SparseCrossEntropy
-    from keraslm.model import build_model
+    from keraslm.model import build_training_model
     from keraslm.training import Run, load_checkpoint, make_optimizer
     from keraslm.vocab import Vocabulary
 
     config = RunConfig.load(run / "config.json")
-    model = build_model(config.model, batch_size=config.train.batch_size, stateful=True)
+    model = build_training_model(config.model, batch_size=config.train.batch_size)
     model.compile(optimizer=make_optimizer(config.train), loss=SparseCrossEntropy())
     model.optimizer.build(model.trainable_variables)
     load_checkpoint(Run(str(run), config, Vocabulary.load(run / "vocab.json")), model)

@@ -10,10 +10,10 @@ import tensorflow as tf
 
 from keraslm import __version__, artifacts, graph_sampling
 from keraslm.export.onnx_step import OPSET as ONNX_OPSET
-from keraslm.model import build_model
+from keraslm.model import ModelLayers, build_primer_model
 from keraslm.sampling import MIN_TEMPERATURE
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE
-from keraslm.states import in_name, input_name, output_name, state_names
+from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
 from keraslm.token_step import TokenStep
 
 FORMAT_VERSION = 1
@@ -43,7 +43,8 @@ class ServingFunctions:
         self.twin = twin
         # The same layers (one copy of the weights) with a mask input and only the states as
         # outputs, to prime prompts of different lengths without [B, T, V] logits.
-        self.primer = build_model(model_config, use_cudnn=False, with_mask=True, layers_of=twin)
+        self.primer = build_primer_model(model_config, twin)
+        self.layers = ModelLayers.of(model_config, twin)
         self.states = state_names(model_config)
         self.token_step = TokenStep(twin, model_config)
         self.level = vocab.level
@@ -118,18 +119,13 @@ class ServingFunctions:
         """Logits [B, V] and the next states for one token per row: the embedding and output layers
         of the twin, the recurrent cells as TokenStep (split weights, every core busy at batch 1).
         Dropout is off at inference, so it is left out."""
-        c = self.model_config
-        x = self.twin.get_layer("one_hot" if c.one_hot else "embedding")(ids)
+        x = self.layers.embedding(ids)
         x, new_states = self.token_step(tf.cast(x, tf.float32), states, weights)
         return self._project(x), new_states
 
     def _project(self, x):
         """Logits [B, V] in float32 from the top layer's output [B, H]."""
-        if self.model_config.tie_weights:
-            logits = self.twin.get_layer("embedding")(x, reverse=True)
-        else:
-            logits = self.twin.get_layer("logits")(x)
-        return tf.cast(logits, tf.float32)
+        return tf.cast(self.layers.logits(x), tf.float32)
 
     def _decode(self, ids):
         pieces = tf.gather(self.tokens, ids)
@@ -212,8 +208,10 @@ class ServingFunctions:
             {"tokens": tokens, "mask": mask, **{input_name(n): zeros for n in self.states}}, training=False
         )
         states = {in_name(name): value for name, value in states.items()}
-        # The top layer's last state is its output at the last position (prompts are left-padded).
-        logits = self._project(states[f"h{self.model_config.num_layers - 1}_in"])
+        # The top layer's last h (its first state) is its output at the last position (prompts
+        # are left-padded).
+        top = layer_state_names(self.model_config.cell, self.model_config.num_layers - 1)[0]
+        logits = self._project(states[input_name(top)])
 
         weights = self.token_step.weights()  # split once per call, outside the loop
 
