@@ -9,7 +9,8 @@ import json
 import math
 import typing
 
-from keraslm.errors import UsageError, first_line
+from keraslm.errors import ArgumentError, UsageError, first_line
+from keraslm.sampling import check_temperature
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 LEVELS = ("char", "word")
@@ -67,30 +68,34 @@ class ModelConfig:
         return embedding + layer(first_inputs) + (self.num_layers - 1) * layer(hidden) + output
 
     def validate(self):
-        """Raise UsageError on a setting the model cannot be built with."""
-        if self.cell not in CELLS:
-            raise UsageError(f"unknown --cell {self.cell!r}; choose one of {', '.join(CELLS)}")
-        if self.init not in INITS:
-            raise UsageError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
-        _positive("--num-layers", self.num_layers)
-        _positive("--hidden-dim", self.hidden_dim)
+        """Raise ArgumentError, naming the field, on a setting the model cannot be built with."""
+        _one_of("cell", self.cell, CELLS)
+        _one_of("init", self.init, INITS)
+        _positive("num_layers", self.num_layers)
+        _positive("hidden_dim", self.hidden_dim)
         if not self.one_hot:
-            _positive("--embedding-dim", self.embedding_dim)
+            _positive("embedding_dim", self.embedding_dim)
         if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise ArgumentError.about("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.tie_weights and self.one_hot:
-            raise UsageError("--tie-weights needs a learned embedding; drop --one-hot")
+            raise ArgumentError("{tie_weights} needs a learned embedding; drop {one_hot}")
         if self.tie_weights and self.embedding_dim != self.hidden_dim:
-            raise UsageError(
-                "--tie-weights needs --embedding-dim equal to --hidden-dim "
-                f"(got {self.embedding_dim} and {self.hidden_dim}); set them equal"
+            raise ArgumentError(
+                "{tie_weights} needs {embedding_dim} equal to {hidden_dim} (got {embedding} and {hidden});"
+                " set them equal",
+                embedding=self.embedding_dim,
+                hidden=self.hidden_dim,
             )
         parameters = self.num_parameters()
         if parameters > MAX_PARAMETERS:
-            vocabulary = f" and {self.vocabulary_size:,} tokens" if self.vocabulary_size else ""
-            raise UsageError(
-                f"--num-layers {self.num_layers}, --hidden-dim {self.hidden_dim}, --embedding-dim {self.embedding_dim}"
-                f"{vocabulary} make {parameters:,} parameters, over keraslm's limit of 2^31; make the model smaller"
+            raise ArgumentError(
+                "{num_layers} {layers}, {hidden_dim} {hidden}, {embedding_dim} {embedding}{vocabulary} make"
+                " {parameters:,} parameters, over keraslm's limit of 2^31; make the model smaller",
+                layers=self.num_layers,
+                hidden=self.hidden_dim,
+                embedding=self.embedding_dim,
+                vocabulary=f" and {self.vocabulary_size:,} tokens" if self.vocabulary_size else "",
+                parameters=parameters,
             )
 
 
@@ -117,12 +122,11 @@ class DataConfig:
     encoding: str = "utf-8"
 
     def validate(self):
-        """Raise UsageError on an unusable setting."""
-        if self.level not in LEVELS:
-            raise UsageError(f"unknown --level {self.level!r}; choose one of {', '.join(LEVELS)}")
-        _positive("--min-freq", self.min_freq)
+        """Raise ArgumentError, naming the field, on an unusable setting."""
+        _one_of("level", self.level, LEVELS)
+        _positive("min_freq", self.min_freq)
         if self.max_vocab < 0:
-            raise UsageError(f"--max-vocab must be >= 0 (0 = no limit), got {self.max_vocab}")
+            raise ArgumentError.about("max_vocab", f"must be >= 0 (0 = no limit), got {self.max_vocab}")
 
 
 @dataclasses.dataclass
@@ -166,26 +170,25 @@ class TrainConfig:
     sample_temperature: float = 0.8
 
     def validate(self):
-        """Raise UsageError on an unusable setting."""
-        _positive("--batch-size", self.batch_size)
-        _positive("--bptt", self.bptt)
-        _positive("--epochs", self.epochs)
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        """Raise ArgumentError, naming the field, on an unusable setting."""
+        _positive("batch_size", self.batch_size)
+        _positive("bptt", self.bptt)
+        _positive("epochs", self.epochs)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+            raise ArgumentError.about("lr", f"must be a positive number, got {self.lr}")
         if not self.clipnorm >= 0:
-            raise UsageError(f"--clipnorm must be >= 0 (0 = off), got {self.clipnorm}")
+            raise ArgumentError.about("clipnorm", f"must be >= 0 (0 = off), got {self.clipnorm}")
         if not self.anneal_factor >= 1:
-            raise UsageError(f"--anneal-factor must be >= 1 (1 = off), got {self.anneal_factor}")
+            raise ArgumentError.about("anneal_factor", f"must be >= 1 (1 = off), got {self.anneal_factor}")
         if self.early_stopping < 0:
-            raise UsageError(f"--early-stopping must be >= 0, got {self.early_stopping}")
+            raise ArgumentError.about("early_stopping", f"must be >= 0, got {self.early_stopping}")
         if not 0 <= self.seed < 2**32:  # NumPy's seeds are 32-bit
-            raise UsageError(f"--seed must be in [0, 2^32), got {self.seed}")
+            raise ArgumentError.about("seed", f"must be in [0, 2^32), got {self.seed}")
         if not 0 <= self.sample_tokens <= MAX_SAMPLE_TOKENS:
-            raise UsageError(f"--sample-tokens must be in [0, {MAX_SAMPLE_TOKENS}], got {self.sample_tokens}")
-        if not self.sample_temperature >= 0:
-            raise UsageError(f"--sample-temperature must be >= 0, got {self.sample_temperature}")
+            raise ArgumentError.about("sample_tokens", f"must be in [0, {MAX_SAMPLE_TOKENS}], got {self.sample_tokens}")
+        # Checked now by the sampling rule, not after the first epoch when the sample is drawn.
+        check_temperature(self.sample_temperature, "sample_temperature")
 
 
 # Defaults that depend on the level. Word level follows pytorch/examples' word_language_model
@@ -276,13 +279,18 @@ class RunConfig:
             if config.model.vocabulary_size < 1:  # set from the vocabulary before config.json is written
                 raise UsageError(f"model.vocabulary_size must be positive, got {config.model.vocabulary_size}")
             return config.validate()
-        except UsageError as e:
+        except UsageError as e:  # str(): the file holds fields, so they are named as fields, not flags
             raise UsageError(f"{path}: {e}; the run directory is damaged") from None
 
 
-def _positive(flag, value):
+def _positive(name, value):
     if not value > 0:
-        raise UsageError(f"{flag} must be a positive number, got {value}")
+        raise ArgumentError.about(name, f"must be a positive number, got {value}")
+
+
+def _one_of(name, value, choices):
+    if value not in choices:
+        raise ArgumentError.unknown(name, value, choices)
 
 
 def _finite_number(value):
