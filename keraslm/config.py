@@ -24,6 +24,22 @@ MAX_PARAMETERS = 2**31
 MAX_SAMPLE_TOKENS = 100_000
 
 
+DEFAULT_LEVEL = "char"
+# The settings whose default depends on the level; every other default is its field's below. Word
+# level follows pytorch/examples' word_language_model (its README's medium-size recipe); char level
+# is a 2×256 LSTM that reaches ≤ 1.45 nats/char on Tiny Shakespeare in under 8 minutes on a 2-core CPU.
+LEVEL_DEFAULTS = {
+    "char": dict(
+        embedding_dim=128, hidden_dim=256, dropout=0.1, batch_size=32, bptt=100, epochs=12, optimizer="adam", lr=2e-3
+    ),
+    "word": dict(
+        embedding_dim=200, hidden_dim=200, dropout=0.2, batch_size=20, bptt=35, epochs=40, optimizer="sgd", lr=20.0
+    ),
+}
+# The fields' own defaults are DEFAULT_LEVEL's, so that RunConfig() is what train.py runs without flags.
+_LEVEL = LEVEL_DEFAULTS[DEFAULT_LEVEL]
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """The network: embedding → dropout → stacked recurrent layers → dropout → logits.
@@ -45,12 +61,15 @@ class ModelConfig:
     vocabulary_size: int = 0
     cell: str = "lstm"
     num_layers: int = 2
-    embedding_dim: int = 256
-    hidden_dim: int = 256
-    dropout: float = 0.0
+    embedding_dim: int = _LEVEL["embedding_dim"]
+    hidden_dim: int = _LEVEL["hidden_dim"]
+    dropout: float = _LEVEL["dropout"]
     tie_weights: bool = False
     one_hot: bool = False
-    init: str = "keras"
+    # pytorch/examples' at both levels: it learns faster than Keras' defaults (word level: perplexity
+    # after one epoch on wikitext-2-mini 338 against 494; char level: validation 2.42 against 2.54
+    # after two epochs of the benchmark's 2×512 config, the default run ≤ 1.45 one epoch sooner).
+    init: str = "torch"
 
     def num_parameters(self):
         """The parameter count of the model `keraslm.model.build_model` makes from this config
@@ -114,7 +133,7 @@ class DataConfig:
     """
 
     source: str = "tfds:tiny_shakespeare"
-    level: str = "char"
+    level: str = DEFAULT_LEVEL
     min_freq: int = 1
     max_vocab: int = 0
     tfds_manual_dir: str | None = None
@@ -153,11 +172,11 @@ class TrainConfig:
         sample_temperature: temperature of that sample.
     """
 
-    batch_size: int = 32
-    bptt: int = 100
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 2e-3
+    batch_size: int = _LEVEL["batch_size"]
+    bptt: int = _LEVEL["bptt"]
+    epochs: int = _LEVEL["epochs"]
+    optimizer: str = _LEVEL["optimizer"]
+    lr: float = _LEVEL["lr"]
     clipnorm: float = 0.25
     weight_decay: float = 0.01
     anneal_factor: float = 4.0
@@ -191,48 +210,34 @@ class TrainConfig:
         check_temperature(self.sample_temperature, "sample_temperature")
 
 
-# Defaults that depend on the level. Word level follows pytorch/examples' word_language_model
-# (its README's medium-size recipe, its initialisation too: perplexity after one epoch on
-# wikitext-2-mini 338 with it, 494 with Keras' defaults); char level is a 2×256 LSTM that reaches
-# ≤ 1.45 nats/char on Tiny Shakespeare in under 8 minutes on a 2-core CPU. Both levels start from
-# pytorch/examples' initialisation: at char level too it learns faster than Keras' defaults
-# (validation 2.42 against 2.54 after two epochs of the benchmark's 2×512 config; the default run
-# ≤ 1.45 one epoch sooner).
-LEVEL_DEFAULTS = {
-    "char": dict(
-        embedding_dim=128,
-        hidden_dim=256,
-        num_layers=2,
-        dropout=0.1,
-        batch_size=32,
-        bptt=100,
-        epochs=12,
-        optimizer="adam",
-        lr=2e-3,
-        init="torch",
-    ),
-    "word": dict(
-        embedding_dim=200,
-        hidden_dim=200,
-        num_layers=2,
-        dropout=0.2,
-        batch_size=20,
-        bptt=35,
-        epochs=40,
-        optimizer="sgd",
-        lr=20.0,
-        init="torch",
-    ),
-}
-
-
 @dataclasses.dataclass
 class RunConfig:
-    """Everything a run was made with; written as config.json."""
+    """Everything a run was made with; written as config.json.
+
+    `RunConfig()` holds the defaults of a char-level run and `RunConfig.for_level("word")` those of
+    a word-level one: what train.py runs with when no flag is given.
+    """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def for_level(cls, level=DEFAULT_LEVEL):
+        """The defaults of a run at `level` ("char" or "word")."""
+        _one_of("level", level, LEVELS)
+        config = cls(data=DataConfig(level=level))
+        for name, value in LEVEL_DEFAULTS[level].items():
+            setattr(getattr(config, cls.section_of(name)), name, value)
+        return config
+
+    @staticmethod
+    def section_of(name):
+        """The section ("model", "data" or "train") that holds the setting `name`; no two share a name."""
+        for section in dataclasses.fields(RunConfig):
+            if name in {f.name for f in dataclasses.fields(section.default_factory)}:
+                return section.name
+        raise KeyError(name)
 
     def validate(self):
         """Validate every section; raise UsageError on the first problem."""

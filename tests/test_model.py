@@ -19,6 +19,7 @@ def tiny_config(cell, **kwargs):
             "embedding_dim": 6,
             "hidden_dim": 5,
             "dropout": 0.1,
+            "init": "keras",
             **kwargs,
         }
     )
