@@ -14,6 +14,7 @@ from keraslm.sampling import check_temperature
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 LEVELS = ("char", "word")
+DEFAULT_LEVEL = "char"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("keras", "torch")
 # The largest model keraslm builds: 2^31 parameters are 8 GiB of float32 weights, and training
@@ -23,8 +24,6 @@ MAX_PARAMETERS = 2**31
 # The sample printed after each epoch is for reading: more is a typo that would fail after an epoch.
 MAX_SAMPLE_TOKENS = 100_000
 
-
-DEFAULT_LEVEL = "char"
 # The settings whose default depends on the level; every other default is its field's below. Word
 # level follows pytorch/examples' word_language_model (its README's medium-size recipe); char level
 # is a 2×256 LSTM that reaches ≤ 1.45 nats/char on Tiny Shakespeare in under 8 minutes on a 2-core CPU.
@@ -55,7 +54,8 @@ class ModelConfig:
         one_hot: feed one-hot vectors instead of a learned embedding.
         init: "keras" (Keras' default initialisers) or "torch" (pytorch/examples').
 
-    A model has at most `MAX_PARAMETERS` (2^31) parameters; `validate` refuses a larger one.
+    A model has at most `MAX_PARAMETERS` (2^31) parameters; `validate` refuses a larger one. The
+    defaults are a char-level run's; `RunConfig.for_level` gives another level's.
     """
 
     vocabulary_size: int = 0
@@ -170,6 +170,8 @@ class TrainConfig:
         sample_prompt: prompt of the sample printed after each epoch ("" = start token).
         sample_tokens: tokens sampled after each epoch (0 = off).
         sample_temperature: temperature of that sample.
+
+    The defaults are a char-level run's; `RunConfig.for_level` gives another level's.
     """
 
     batch_size: int = _LEVEL["batch_size"]
