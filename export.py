@@ -1,26 +1,34 @@
 """Export a run for TF Serving and ONNX Runtime: python export.py RUN_DIR --help."""
 
 from keraslm.cli import ArgumentParser, run_main
+from keraslm.limits import DEFAULT_BATCH_TOKENS, LOGITS_BYTES, ServingLimits
 
 
 def parse_args(argv):
     p = ArgumentParser(description="Export a trained run to saved_models/NAME/VERSION (SavedModel + ONNX).")
     p.add_argument("run_dir", help="a run directory written by train.py")
-    p.add_argument("--out", default="saved_models", help="base folder of exported models (default saved_models)")
+    p.add_argument("--out", default="saved_models", help="base folder of exported models (default %(default)s)")
     p.add_argument("--name", help="model name, the folder under --out (default: the run directory's name)")
     p.add_argument("--version", type=int, help="version number (default: the next free integer)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --version")
     p.add_argument("--check", action="store_true", help="print the parity figures of the checks")
     limits = p.add_argument_group("serving limits (per request; recorded in keraslm.json)")
     limits.add_argument(
-        "--max-new-tokens", type=int, help="largest max_new_tokens of a generate request (default 4096)"
+        "--max-new-tokens",
+        type=int,
+        help=f"largest max_new_tokens of a generate request (default {ServingLimits.max_new_tokens})",
     )
-    limits.add_argument("--max-prompt-tokens", type=int, help="most tokens in one generate prompt (default 4096)")
+    limits.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help=f"most tokens in one generate prompt (default {ServingLimits.max_prompt_tokens})",
+    )
     limits.add_argument(
         "--max-batch-tokens",
         type=int,
-        help="most rows × length in one request (default 65536, less for vocabularies over 4096 tokens"
-        " so that serving_default's float32 logits stay within 1 GiB)",
+        help=f"most rows × length in one request (default {DEFAULT_BATCH_TOKENS}, less for vocabularies over"
+        f" {LOGITS_BYTES // (4 * DEFAULT_BATCH_TOKENS)} tokens so that serving_default's float32 logits stay"
+        f" within {LOGITS_BYTES / 2**30:g} GiB)",
     )
     return p.parse_args(argv)
 

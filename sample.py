@@ -13,7 +13,7 @@ from keraslm.cli import ArgumentParser, run_main
 from keraslm.errors import UsageError
 from keraslm.files import OutputFile
 from keraslm.runtime import BACKENDS, open_backend
-from keraslm.sampling import check_memory, generate, make_sampler
+from keraslm.sampling import TOP_K_OFF, TOP_P_OFF, check_memory, generate, make_sampler
 
 
 def parse_args(argv):
@@ -21,20 +21,26 @@ def parse_args(argv):
     p.add_argument("model", help="an export (saved_models/NAME or saved_models/NAME/VERSION) or a run directory")
     p.add_argument("--backend", choices=BACKENDS, help="runtime (default: onnx for an export, keras for a run)")
     p.add_argument("--prompt", default="", help="text to continue (default: the start token)")
-    p.add_argument("--num-tokens", type=int, default=200, help="tokens to generate (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--num-tokens", type=int, default=200, help="tokens to generate (default %(default)s)")
     p.add_argument(
-        "--top-k", type=int, default=0, help="sample among the k most likely tokens, ties with the k-th kept (0 = off)"
+        "--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy (default %(default)s)"
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=TOP_K_OFF,
+        help="sample among the k most likely tokens, ties with the k-th kept (%(default)s = off)",
     )
     p.add_argument(
         "--top-p",
         type=float,
-        default=1.0,
-        help="nucleus sampling mass in (0, 1] (1 = off); with --top-k, the nucleus of the top k, renormalised",
+        default=TOP_P_OFF,
+        help="nucleus sampling mass in (0, 1] (%(default)g = off); with --top-k, the nucleus of the top k,"
+        " renormalised",
     )
     p.add_argument("--greedy", action="store_true", help="always the most likely token (same as --temperature 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed: one seed, one text, on every backend")
-    p.add_argument("--num-samples", type=int, default=1, help="continuations drawn as one batch (default 1)")
+    p.add_argument("--num-samples", type=int, default=1, help="continuations drawn as one batch (default %(default)s)")
     p.add_argument("--skip-unknown", action="store_true", help="char level: drop prompt characters the model lacks")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sample)")
     p.add_argument("--out", help="also write the samples to this file")
@@ -51,7 +57,9 @@ def parse_args(argv):
     serving.add_argument("--server", help="http://host:8501 (REST) or grpc://host:8500 (gRPC)")
     serving.add_argument("--model-name", help="the name TF Serving serves (default: the export's folder name)")
     serving.add_argument("--model-version", type=int, help="a version the server has (default: its newest)")
-    serving.add_argument("--timeout", type=float, default=10.0, help="seconds for each whole request (default 10)")
+    serving.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds for each whole request (default %(default)g)"
+    )
     return p.parse_args(argv)
 
 

@@ -1,72 +1,91 @@
 """Train a stateful RNN language model: python train.py --help."""
 
 import argparse
-import dataclasses
 import datetime
 import os
 import sys
 
 from keraslm import artifacts
 from keraslm.cli import ArgumentParser, run_main
-from keraslm.config import CELLS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
+from keraslm.config import CELLS, DEFAULT_LEVEL, INITS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
 from keraslm.errors import UsageError
 
 # Flags that are not part of RunConfig.
 RUN_FLAGS = ("run_dir", "resume", "dry_run", "verbose", "dataset", "data", "strategy")
 
 
-def parse_args(argv):
+def default_of(name):
+    """A setting's default as --help shows it: "default 0.25", or "char 128, word 200" for a setting
+    of LEVEL_DEFAULTS; both read from keraslm.config, where the defaults are defined."""
+    if name in LEVEL_DEFAULTS[DEFAULT_LEVEL]:
+        return ", ".join(f"{level} {_shown(LEVEL_DEFAULTS[level][name])}" for level in LEVELS)
+    config = RunConfig()
+    return f"default {_shown(getattr(getattr(config, config.section_of(name)), name))}"
+
+
+def _shown(value):
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def build_parser():
+    """train.py's command line; every flag's default in --help is read from keraslm.config."""
     p = ArgumentParser(description="Train a word- or character-level RNN language model with TBPTT.")
     data = p.add_argument_group("data")
     source = data.add_mutually_exclusive_group()
-    source.add_argument(
-        "--dataset", help="tfds:NAME, any TFDS dataset with a text feature (default tfds:tiny_shakespeare)"
-    )
+    source.add_argument("--dataset", help=f"tfds:NAME, any TFDS dataset with a text feature ({default_of('source')})")
     source.add_argument("--data", help="a directory with train.txt/valid.txt/test.txt, or one text file (split 90/5/5)")
     data.add_argument(
         "--tfds-manual-dir", help="directory holding TFDS's already-downloaded source files (offline use)"
     )
     data.add_argument("--tfds-data-dir", help="where TFDS keeps prepared datasets (default ~/tensorflow_datasets)")
-    data.add_argument("--level", choices=LEVELS, help="tokens are characters or words (default char)")
-    data.add_argument("--min-freq", type=int, help="word level: rarer words become <unk> (default 1)")
-    data.add_argument("--max-vocab", type=int, help="word level: keep at most N tokens (default 0 = all)")
-    data.add_argument("--encoding", help="encoding of corpus files (default utf-8)")
+    data.add_argument("--level", choices=LEVELS, help=f"tokens are characters or words ({default_of('level')})")
+    data.add_argument("--min-freq", type=int, help=f"word level: rarer words become <unk> ({default_of('min_freq')})")
+    data.add_argument(
+        "--max-vocab", type=int, help=f"word level: keep at most N tokens ({default_of('max_vocab')} = all)"
+    )
+    data.add_argument("--encoding", help=f"encoding of corpus files ({default_of('encoding')})")
     model = p.add_argument_group("model")
-    model.add_argument("--cell", choices=CELLS, help="recurrent cell (default lstm)")
-    model.add_argument("--num-layers", type=int, help="stacked recurrent layers (default 2)")
-    model.add_argument("--embedding-dim", type=int, help="embedding width (char 128, word 200)")
-    model.add_argument("--hidden-dim", type=int, help="units per recurrent layer (char 256, word 200)")
+    model.add_argument("--cell", choices=CELLS, help=f"recurrent cell ({default_of('cell')})")
+    model.add_argument("--num-layers", type=int, help=f"stacked recurrent layers ({default_of('num_layers')})")
+    model.add_argument("--embedding-dim", type=int, help=f"embedding width ({default_of('embedding_dim')})")
+    model.add_argument("--hidden-dim", type=int, help=f"units per recurrent layer ({default_of('hidden_dim')})")
     model.add_argument(
         "--dropout",
         type=float,
-        help="dropout after the embedding, between layers, before the output (char 0.1, word 0.2)",
+        help=f"dropout after the embedding, between layers, before the output ({default_of('dropout')})",
     )
     model.add_argument(
         "--tie-weights", action="store_true", default=None, help="share the embedding with the output projection"
     )
     model.add_argument(
-        "--init", choices=("keras", "torch"), help="initialisers: pytorch/examples' (the default) or Keras' defaults"
+        "--init",
+        choices=INITS,
+        help=f"initialisers: Keras' defaults or pytorch/examples' ({default_of('init')})",
     )
     model.add_argument("--one-hot", action="store_true", default=None, help="one-hot inputs instead of an embedding")
     train = p.add_argument_group("training")
-    train.add_argument("--batch-size", type=int, help="TBPTT columns (char 32, word 20)")
-    train.add_argument("--bptt", type=int, help="window length in tokens (char 100, word 35)")
-    train.add_argument("--epochs", type=int, help="epochs (char 12, word 40)")
-    train.add_argument("--optimizer", choices=OPTIMIZERS, help="char adam, word sgd")
-    train.add_argument("--lr", type=float, help="initial learning rate (char 0.002, word 20)")
+    train.add_argument("--batch-size", type=int, help=f"TBPTT columns ({default_of('batch_size')})")
+    train.add_argument("--bptt", type=int, help=f"window length in tokens ({default_of('bptt')})")
+    train.add_argument("--epochs", type=int, help=f"epochs ({default_of('epochs')})")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, help=default_of("optimizer"))
+    train.add_argument("--lr", type=float, help=f"initial learning rate ({default_of('lr')})")
     train.add_argument(
         "--clipnorm",
         type=float,
-        help="clip gradients by global norm, as torch's clip_grad_norm_ (default 0.25; 0 = off)",
+        help=f"clip gradients by global norm, as torch's clip_grad_norm_ ({default_of('clipnorm')}; 0 = off)",
     )
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    train.add_argument("--weight-decay", type=float, help=f"AdamW weight decay ({default_of('weight_decay')})")
     train.add_argument(
         "--anneal-factor",
         type=float,
-        help="divide lr by this when validation loss does not improve (default 4; 1 = off)",
+        help=f"divide lr by this when validation loss does not improve ({default_of('anneal_factor')}; 1 = off)",
     )
-    train.add_argument("--early-stopping", type=int, help="stop after N epochs without improvement (default 0 = off)")
-    train.add_argument("--seed", type=int, help="random seed (default 1111)")
+    train.add_argument(
+        "--early-stopping",
+        type=int,
+        help=f"stop after N epochs without improvement ({default_of('early_stopping')} = off)",
+    )
+    train.add_argument("--seed", type=int, help=f"random seed ({default_of('seed')})")
     train.add_argument("--jit-compile", action="store_true", default=None, help="compile the train step with XLA")
     train.add_argument(
         "--mixed-precision",
@@ -76,8 +95,12 @@ def parse_args(argv):
         " CPU with AMX bfloat16 units and no GPU, where it trains 1.3-1.9x faster; off otherwise)",
     )
     train.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch (default: start token)")
-    train.add_argument("--sample-tokens", type=int, help="tokens sampled after each epoch (default 200; 0 = off)")
-    train.add_argument("--sample-temperature", type=float, help="temperature of that sample (default 0.8)")
+    train.add_argument(
+        "--sample-tokens", type=int, help=f"tokens sampled after each epoch ({default_of('sample_tokens')}; 0 = off)"
+    )
+    train.add_argument(
+        "--sample-temperature", type=float, help=f"temperature of that sample ({default_of('sample_temperature')})"
+    )
     run = p.add_argument_group("run")
     run.add_argument("--run-dir", help="run directory (default runs/<dataset>-<cell>-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
@@ -92,28 +115,24 @@ def parse_args(argv):
     run.add_argument(
         "--verbose", type=int, choices=(0, 1, 2), help="1 = progress bar (default on a terminal), 2 = a line per epoch"
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def given_settings(args):
     """The RunConfig fields set on the command line, as {(section, field): value}."""
-    sections = {
-        f.name: section
-        for section in ("model", "data", "train")
-        for f in dataclasses.fields(getattr(RunConfig(), section))
-    }
-    given = {(sections[k], k): v for k, v in vars(args).items() if k not in RUN_FLAGS and v is not None}
+    given = {(RunConfig.section_of(k), k): v for k, v in vars(args).items() if k not in RUN_FLAGS and v is not None}
     if args.dataset or args.data:
         given[("data", "source")] = args.dataset or args.data
     return given
 
 
 def new_config(given):
-    config = RunConfig()
-    level = given.get(("data", "level"), config.data.level)
-    for key, value in LEVEL_DEFAULTS[level].items():
-        section = "model" if hasattr(config.model, key) else "train"
-        setattr(getattr(config, section), key, value)
+    """The config of a new run: the defaults of the level asked for, and the flags given."""
+    config = RunConfig.for_level(given.get(("data", "level"), DEFAULT_LEVEL))
     for (section, key), value in given.items():
         setattr(getattr(config, section), key, value)
     if not config.data.source.startswith("tfds:") and config.data.source.startswith("tfds"):

@@ -1,11 +1,15 @@
-"""What the three scripts share: one-line errors with exit code 2, clean interrupts, quiet TF logs."""
+"""What the three scripts share: one-line errors with exit code 2 that name flags, clean interrupts,
+quiet TF logs."""
 
 import argparse
 import os
 import signal
 import sys
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
+
+# Library arguments whose flag is not `--` and the name with dashes (DataConfig.source is --data).
+FLAGS = {"source": "--data"}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -13,6 +17,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def flag(name):
+    """The command-line flag of a library argument: `--` + the name with dashes, unless FLAGS says otherwise."""
+    return FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def message(error):
+    """A UsageError as the command line words it: the arguments it names are spelled as flags."""
+    return error.worded(flag) if isinstance(error, ArgumentError) else str(error)
 
 
 _interrupted = False
@@ -35,7 +49,8 @@ def interrupted():
 
 
 def run_main(main, argv=None):
-    """Run `main(argv)`; a UsageError prints one line and exits 2, Ctrl-C or SIGTERM exits 130.
+    """Run `main(argv)`; a UsageError prints one line (its arguments named as flags) and exits 2,
+    Ctrl-C or SIGTERM exits 130.
 
     A reader that stops early (`| head`) ends the command quietly with 141, as it ends `cat`.
     """
@@ -48,7 +63,7 @@ def run_main(main, argv=None):
     try:
         main(argv)
     except UsageError as e:
-        _exit(2, f"{prog}: error: {e}")
+        _exit(2, f"{prog}: error: {message(e)}")
     except KeyboardInterrupt as e:
         _exit(130, f"\n{prog}: {str(e) or 'interrupted'}")
     except MemoryError:

@@ -9,10 +9,12 @@ import json
 import math
 import typing
 
-from keraslm.errors import UsageError, first_line
+from keraslm.errors import ArgumentError, UsageError, first_line
+from keraslm.sampling import check_temperature
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 LEVELS = ("char", "word")
+DEFAULT_LEVEL = "char"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("keras", "torch")
 # The largest model keraslm builds: 2^31 parameters are 8 GiB of float32 weights, and training
@@ -21,6 +23,20 @@ INITS = ("keras", "torch")
 MAX_PARAMETERS = 2**31
 # The sample printed after each epoch is for reading: more is a typo that would fail after an epoch.
 MAX_SAMPLE_TOKENS = 100_000
+
+# The settings whose default depends on the level; every other default is its field's below. Word
+# level follows pytorch/examples' word_language_model (its README's medium-size recipe); char level
+# is a 2×256 LSTM that reaches ≤ 1.45 nats/char on Tiny Shakespeare in under 8 minutes on a 2-core CPU.
+LEVEL_DEFAULTS = {
+    "char": dict(
+        embedding_dim=128, hidden_dim=256, dropout=0.1, batch_size=32, bptt=100, epochs=12, optimizer="adam", lr=2e-3
+    ),
+    "word": dict(
+        embedding_dim=200, hidden_dim=200, dropout=0.2, batch_size=20, bptt=35, epochs=40, optimizer="sgd", lr=20.0
+    ),
+}
+# The fields' own defaults are DEFAULT_LEVEL's, so that RunConfig() is what train.py runs without flags.
+_LEVEL = LEVEL_DEFAULTS[DEFAULT_LEVEL]
 
 
 @dataclasses.dataclass
@@ -38,18 +54,22 @@ class ModelConfig:
         one_hot: feed one-hot vectors instead of a learned embedding.
         init: "keras" (Keras' default initialisers) or "torch" (pytorch/examples').
 
-    A model has at most `MAX_PARAMETERS` (2^31) parameters; `validate` refuses a larger one.
+    A model has at most `MAX_PARAMETERS` (2^31) parameters; `validate` refuses a larger one. The
+    defaults are a char-level run's; `RunConfig.for_level` gives another level's.
     """
 
     vocabulary_size: int = 0
     cell: str = "lstm"
     num_layers: int = 2
-    embedding_dim: int = 256
-    hidden_dim: int = 256
-    dropout: float = 0.0
+    embedding_dim: int = _LEVEL["embedding_dim"]
+    hidden_dim: int = _LEVEL["hidden_dim"]
+    dropout: float = _LEVEL["dropout"]
     tie_weights: bool = False
     one_hot: bool = False
-    init: str = "keras"
+    # pytorch/examples' at both levels: it learns faster than Keras' defaults (word level: perplexity
+    # after one epoch on wikitext-2-mini 338 against 494; char level: validation 2.42 against 2.54
+    # after two epochs of the benchmark's 2×512 config, the default run ≤ 1.45 one epoch sooner).
+    init: str = "torch"
 
     def num_parameters(self):
         """The parameter count of the models `keraslm.model` builds from this config
@@ -67,30 +87,34 @@ class ModelConfig:
         return embedding + layer(first_inputs) + (self.num_layers - 1) * layer(hidden) + output
 
     def validate(self):
-        """Raise UsageError on a setting the model cannot be built with."""
-        if self.cell not in CELLS:
-            raise UsageError(f"unknown --cell {self.cell!r}; choose one of {', '.join(CELLS)}")
-        if self.init not in INITS:
-            raise UsageError(f"unknown --init {self.init!r}; choose one of {', '.join(INITS)}")
-        _positive("--num-layers", self.num_layers)
-        _positive("--hidden-dim", self.hidden_dim)
+        """Raise ArgumentError, naming the field, on a setting the model cannot be built with."""
+        _one_of("cell", self.cell, CELLS)
+        _one_of("init", self.init, INITS)
+        _positive("num_layers", self.num_layers)
+        _positive("hidden_dim", self.hidden_dim)
         if not self.one_hot:
-            _positive("--embedding-dim", self.embedding_dim)
+            _positive("embedding_dim", self.embedding_dim)
         if not 0.0 <= self.dropout < 1.0:
-            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise ArgumentError.about("dropout", f"must be in [0, 1), got {self.dropout}")
         if self.tie_weights and self.one_hot:
-            raise UsageError("--tie-weights needs a learned embedding; drop --one-hot")
+            raise ArgumentError("{tie_weights} needs a learned embedding; drop {one_hot}")
         if self.tie_weights and self.embedding_dim != self.hidden_dim:
-            raise UsageError(
-                "--tie-weights needs --embedding-dim equal to --hidden-dim "
-                f"(got {self.embedding_dim} and {self.hidden_dim}); set them equal"
+            raise ArgumentError(
+                "{tie_weights} needs {embedding_dim} equal to {hidden_dim} (got {embedding} and {hidden});"
+                " set them equal",
+                embedding=self.embedding_dim,
+                hidden=self.hidden_dim,
             )
         parameters = self.num_parameters()
         if parameters > MAX_PARAMETERS:
-            vocabulary = f" and {self.vocabulary_size:,} tokens" if self.vocabulary_size else ""
-            raise UsageError(
-                f"--num-layers {self.num_layers}, --hidden-dim {self.hidden_dim}, --embedding-dim {self.embedding_dim}"
-                f"{vocabulary} make {parameters:,} parameters, over keraslm's limit of 2^31; make the model smaller"
+            raise ArgumentError(
+                "{num_layers} {layers}, {hidden_dim} {hidden}, {embedding_dim} {embedding}{vocabulary} make"
+                " {parameters:,} parameters, over keraslm's limit of 2^31; make the model smaller",
+                layers=self.num_layers,
+                hidden=self.hidden_dim,
+                embedding=self.embedding_dim,
+                vocabulary=f" and {self.vocabulary_size:,} tokens" if self.vocabulary_size else "",
+                parameters=parameters,
             )
 
 
@@ -109,7 +133,7 @@ class DataConfig:
     """
 
     source: str = "tfds:tiny_shakespeare"
-    level: str = "char"
+    level: str = DEFAULT_LEVEL
     min_freq: int = 1
     max_vocab: int = 0
     tfds_manual_dir: str | None = None
@@ -117,12 +141,11 @@ class DataConfig:
     encoding: str = "utf-8"
 
     def validate(self):
-        """Raise UsageError on an unusable setting."""
-        if self.level not in LEVELS:
-            raise UsageError(f"unknown --level {self.level!r}; choose one of {', '.join(LEVELS)}")
-        _positive("--min-freq", self.min_freq)
+        """Raise ArgumentError, naming the field, on an unusable setting."""
+        _one_of("level", self.level, LEVELS)
+        _positive("min_freq", self.min_freq)
         if self.max_vocab < 0:
-            raise UsageError(f"--max-vocab must be >= 0 (0 = no limit), got {self.max_vocab}")
+            raise ArgumentError.about("max_vocab", f"must be >= 0 (0 = no limit), got {self.max_vocab}")
 
 
 @dataclasses.dataclass
@@ -147,13 +170,15 @@ class TrainConfig:
         sample_prompt: prompt of the sample printed after each epoch ("" = start token).
         sample_tokens: tokens sampled after each epoch (0 = off).
         sample_temperature: temperature of that sample.
+
+    The defaults are a char-level run's; `RunConfig.for_level` gives another level's.
     """
 
-    batch_size: int = 32
-    bptt: int = 100
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 2e-3
+    batch_size: int = _LEVEL["batch_size"]
+    bptt: int = _LEVEL["bptt"]
+    epochs: int = _LEVEL["epochs"]
+    optimizer: str = _LEVEL["optimizer"]
+    lr: float = _LEVEL["lr"]
     clipnorm: float = 0.25
     weight_decay: float = 0.01
     anneal_factor: float = 4.0
@@ -166,70 +191,55 @@ class TrainConfig:
     sample_temperature: float = 0.8
 
     def validate(self):
-        """Raise UsageError on an unusable setting."""
-        _positive("--batch-size", self.batch_size)
-        _positive("--bptt", self.bptt)
-        _positive("--epochs", self.epochs)
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        """Raise ArgumentError, naming the field, on an unusable setting."""
+        _positive("batch_size", self.batch_size)
+        _positive("bptt", self.bptt)
+        _positive("epochs", self.epochs)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+            raise ArgumentError.about("lr", f"must be a positive number, got {self.lr}")
         if not self.clipnorm >= 0:
-            raise UsageError(f"--clipnorm must be >= 0 (0 = off), got {self.clipnorm}")
+            raise ArgumentError.about("clipnorm", f"must be >= 0 (0 = off), got {self.clipnorm}")
         if not self.anneal_factor >= 1:
-            raise UsageError(f"--anneal-factor must be >= 1 (1 = off), got {self.anneal_factor}")
+            raise ArgumentError.about("anneal_factor", f"must be >= 1 (1 = off), got {self.anneal_factor}")
         if self.early_stopping < 0:
-            raise UsageError(f"--early-stopping must be >= 0, got {self.early_stopping}")
+            raise ArgumentError.about("early_stopping", f"must be >= 0, got {self.early_stopping}")
         if not 0 <= self.seed < 2**32:  # NumPy's seeds are 32-bit
-            raise UsageError(f"--seed must be in [0, 2^32), got {self.seed}")
+            raise ArgumentError.about("seed", f"must be in [0, 2^32), got {self.seed}")
         if not 0 <= self.sample_tokens <= MAX_SAMPLE_TOKENS:
-            raise UsageError(f"--sample-tokens must be in [0, {MAX_SAMPLE_TOKENS}], got {self.sample_tokens}")
-        if not self.sample_temperature >= 0:
-            raise UsageError(f"--sample-temperature must be >= 0, got {self.sample_temperature}")
-
-
-# Defaults that depend on the level. Word level follows pytorch/examples' word_language_model
-# (its README's medium-size recipe, its initialisation too: perplexity after one epoch on
-# wikitext-2-mini 338 with it, 494 with Keras' defaults); char level is a 2×256 LSTM that reaches
-# ≤ 1.45 nats/char on Tiny Shakespeare in under 8 minutes on a 2-core CPU. Both levels start from
-# pytorch/examples' initialisation: at char level too it learns faster than Keras' defaults
-# (validation 2.42 against 2.54 after two epochs of the benchmark's 2×512 config; the default run
-# ≤ 1.45 one epoch sooner).
-LEVEL_DEFAULTS = {
-    "char": dict(
-        embedding_dim=128,
-        hidden_dim=256,
-        num_layers=2,
-        dropout=0.1,
-        batch_size=32,
-        bptt=100,
-        epochs=12,
-        optimizer="adam",
-        lr=2e-3,
-        init="torch",
-    ),
-    "word": dict(
-        embedding_dim=200,
-        hidden_dim=200,
-        num_layers=2,
-        dropout=0.2,
-        batch_size=20,
-        bptt=35,
-        epochs=40,
-        optimizer="sgd",
-        lr=20.0,
-        init="torch",
-    ),
-}
+            raise ArgumentError.about("sample_tokens", f"must be in [0, {MAX_SAMPLE_TOKENS}], got {self.sample_tokens}")
+        # Checked now by the sampling rule, not after the first epoch when the sample is drawn.
+        check_temperature(self.sample_temperature, "sample_temperature")
 
 
 @dataclasses.dataclass
 class RunConfig:
-    """Everything a run was made with; written as config.json."""
+    """Everything a run was made with; written as config.json.
+
+    `RunConfig()` holds the defaults of a char-level run and `RunConfig.for_level("word")` those of
+    a word-level one: what train.py runs with when no flag is given.
+    """
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+    @classmethod
+    def for_level(cls, level=DEFAULT_LEVEL):
+        """The defaults of a run at `level` ("char" or "word")."""
+        _one_of("level", level, LEVELS)
+        config = cls(data=DataConfig(level=level))
+        for name, value in LEVEL_DEFAULTS[level].items():
+            setattr(getattr(config, cls.section_of(name)), name, value)
+        return config
+
+    @staticmethod
+    def section_of(name):
+        """The section ("model", "data" or "train") that holds the setting `name`; no two share a name."""
+        for section in dataclasses.fields(RunConfig):
+            if name in {f.name for f in dataclasses.fields(section.default_factory)}:
+                return section.name
+        raise KeyError(name)
 
     def validate(self):
         """Validate every section; raise UsageError on the first problem."""
@@ -276,13 +286,18 @@ class RunConfig:
             if config.model.vocabulary_size < 1:  # set from the vocabulary before config.json is written
                 raise UsageError(f"model.vocabulary_size must be positive, got {config.model.vocabulary_size}")
             return config.validate()
-        except UsageError as e:
+        except UsageError as e:  # str(): the file holds fields, so they are named as fields, not flags
             raise UsageError(f"{path}: {e}; the run directory is damaged") from None
 
 
-def _positive(flag, value):
+def _positive(name, value):
     if not value > 0:
-        raise UsageError(f"{flag} must be a positive number, got {value}")
+        raise ArgumentError.about(name, f"must be a positive number, got {value}")
+
+
+def _one_of(name, value, choices):
+    if value not in choices:
+        raise ArgumentError.unknown(name, value, choices)
 
 
 def _finite_number(value):

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from keraslm.errors import UsageError, first_line
+from keraslm.errors import ArgumentError, UsageError, first_line
 
 SPLITS = ("train", "valid", "test")
 # TFDS names the middle split "validation"; a few datasets have no test split.
@@ -26,9 +26,10 @@ def load_corpus(data_config):
     elif os.path.isfile(source):
         splits = split_text(_read_text(source, data_config.encoding))
     else:
-        raise UsageError(
-            f"--data {source}: no such file or directory; give a text file, a directory with "
-            "train.txt/valid.txt/test.txt, or --dataset tfds:NAME"
+        raise ArgumentError(
+            "{source} {path}: no such file or directory; give a text file, a directory with "
+            "train.txt/valid.txt/test.txt, or {dataset} tfds:NAME",
+            path=source,
         )
     for name, text in splits.items():
         if not text.strip():
@@ -57,12 +58,16 @@ def _read_text(path, encoding):
         return raw.decode(encoding)
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UsageError(
-            f"{path} is not valid {encoding} (byte {e.start}, line {line}); "
-            "pass --encoding with the file's encoding (e.g. latin-1)"
+        raise ArgumentError(
+            "{path} is not valid {codec} (byte {start}, line {line}); pass {encoding} with the file's encoding"
+            " (e.g. latin-1)",
+            path=path,
+            codec=encoding,
+            start=e.start,
+            line=line,
         ) from None
     except LookupError:
-        raise UsageError(f"unknown --encoding {encoding!r}") from None
+        raise ArgumentError("unknown {encoding} {got!r}", got=encoding) from None
 
 
 def _load_tfds(name, data_dir, manual_dir):
@@ -87,10 +92,12 @@ def _load_tfds(name, data_dir, manual_dir):
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     except Exception as e:
         default_manual = os.path.join(builder.data_dir_root, "downloads", "manual")
-        raise UsageError(
-            f"TFDS could not download or prepare {name!r} ({first_line(e)}); offline, put its "
-            f"source file in {manual_dir or default_manual} or pass --tfds-manual-dir DIR "
-            "(for tiny_shakespeare: the folder holding input.txt)"
+        raise ArgumentError(
+            "TFDS could not download or prepare {name!r} ({problem}); offline, put its source file in {folder}"
+            " or pass {tfds_manual_dir} DIR (for tiny_shakespeare: the folder holding input.txt)",
+            name=name,
+            problem=first_line(e),
+            folder=manual_dir or default_manual,
         ) from None
     splits = {}
     for split, candidates in TFDS_SPLIT_NAMES.items():
@@ -127,9 +134,13 @@ def tbptt_arrays(ids, batch_size, bptt):
     block = batch_size * bptt
     n = (len(ids) - 1) // block * block
     if n == 0:
-        raise UsageError(
-            f"the stream has {len(ids)} tokens; batch_size × bptt = {batch_size} × {bptt} needs at "
-            f"least {block + 1}: use a longer corpus or smaller --batch-size / --bptt"
+        raise ArgumentError(
+            "the stream has {length} tokens; batch_size × bptt = {rows} × {columns} needs at least {needed}:"
+            " use a longer corpus or smaller {batch_size} / {bptt}",
+            length=len(ids),
+            rows=batch_size,
+            columns=bptt,
+            needed=block + 1,
         )
     num_windows = n // block
 

@@ -11,7 +11,7 @@ import os
 import keras
 import tensorflow as tf
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -36,16 +36,16 @@ def make_strategy(name, device=None):
     if name == "multi-worker":
         check_tf_config()
         return tf.distribute.MultiWorkerMirroredStrategy()
-    raise UsageError(f"unknown --strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    raise ArgumentError.unknown("strategy", name, STRATEGIES)
 
 
 def check_tf_config():
     """TF_CONFIG must name the workers and this process's place among them (one line if not)."""
     raw = os.environ.get("TF_CONFIG")
     if not raw:
-        raise UsageError(
-            '--strategy multi-worker needs TF_CONFIG, e.g. {"cluster": {"worker": ["host1:port", "host2:port"]}, '
-            '"task": {"type": "worker", "index": 0}}'
+        raise ArgumentError(
+            "{strategy} multi-worker needs TF_CONFIG, e.g. {example}",
+            example='{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", "index": 0}}',
         )
     try:
         config = json.loads(raw)
@@ -72,7 +72,11 @@ def per_replica_batch_size(strategy, batch_size):
     """Columns each replica carries; the global batch must split evenly."""
     replicas = strategy.num_replicas_in_sync
     if batch_size % replicas:
-        raise UsageError(f"--batch-size {batch_size} does not split over {replicas} replicas; use a multiple")
+        raise ArgumentError(
+            "{batch_size} {got} does not split over {replicas} replicas; use a multiple",
+            got=batch_size,
+            replicas=replicas,
+        )
     return batch_size // replicas
 
 

@@ -13,7 +13,7 @@ import re
 import stat
 import tempfile
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
 
 # tempfile's random part: 8 characters of this alphabet. The exact pattern lets stale temporaries
 # be told apart from a user's own dot-files.
@@ -121,7 +121,7 @@ class OutputFile:
 
     Args:
         path: the file to write.
-        flag: the command-line flag that named it, for messages.
+        argument: the argument that named it, for messages (the command line words it as a flag).
 
     Example:
         with OutputFile(args.out) as out:
@@ -129,9 +129,9 @@ class OutputFile:
             out.write(text)
     """
 
-    def __init__(self, path, flag="--out"):
+    def __init__(self, path, argument="out"):
         self.path = path
-        self.flag = flag
+        self.argument = argument
         self._text = ""
         self._stack = contextlib.ExitStack()
 
@@ -141,19 +141,19 @@ class OutputFile:
         except FileNotFoundError:
             mode = None
         except OSError as e:
-            raise UsageError(f"{self.flag} {self.path}: {e.strerror}") from None
+            raise self._refused(f"{self.path}: {e.strerror}") from None
         self._through = mode is not None and (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode))
         if mode is not None and not self._through and not stat.S_ISREG(mode):
             kind = "a directory" if stat.S_ISDIR(mode) else "a socket or block device"
-            raise UsageError(f"{self.flag} {self.path} is {kind}; give a file name")
+            raise self._refused(f"{self.path} is {kind}; give a file name")
         if self._through:
             if not os.access(self.path, os.W_OK):
-                raise UsageError(f"{self.flag} {self.path} is not writable")
+                raise self._refused(f"{self.path} is not writable")
         else:
             try:
                 self._tmp = self._stack.enter_context(atomic_path(self.path))
             except UsageError as e:
-                raise UsageError(f"{self.flag}: {e}") from None
+                raise self._refused(e, separator=": ") from None
         return self
 
     def write(self, text):
@@ -168,14 +168,17 @@ class OutputFile:
             with open(self.path if self._through else self._tmp, "w", encoding="utf-8") as f:
                 f.write(self._text)
         except OSError as e:
-            error = UsageError(f"{self.flag}: {cannot_write(self.path, e)}")
+            error = self._refused(cannot_write(self.path, e), separator=": ")
         try:
             self._stack.__exit__(type(error) if error else None, error, None)  # renames only without error
         except UsageError as e:
-            raise UsageError(f"{self.flag}: {e}") from None
+            raise self._refused(e, separator=": ") from None
         if error:
             raise error
         return False
+
+    def _refused(self, problem, separator=" "):
+        return ArgumentError.about(self.argument, str(problem), separator)
 
 
 def remove_stale_temporaries(directory, names):

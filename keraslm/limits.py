@@ -15,7 +15,7 @@ BYTES_PER_TOKEN per token (see `max_prompt_bytes`): the tokeniser's own allocati
 
 import dataclasses
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError
 
 # Bytes a prompt may spend per token before it is tokenised: a word of seven letters and its
 # space, or two 4-byte UTF-8 characters.
@@ -65,12 +65,11 @@ class ServingLimits:
         return BYTES_PER_TOKEN * self.max_batch_tokens
 
     def validate(self):
-        """Raise UsageError naming the limit that is not an integer in [1, LARGEST_LIMIT]."""
+        """Raise ArgumentError naming the limit that is not an integer in [1, LARGEST_LIMIT]."""
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if not (isinstance(value, int) and 1 <= value <= LARGEST_LIMIT):
-                flag = "--" + field.name.replace("_", "-")
-                raise UsageError(f"{flag} must be an integer in [1, {LARGEST_LIMIT}], got {value}")
+                raise ArgumentError.about(field.name, f"must be an integer in [1, {LARGEST_LIMIT}], got {value}")
 
     def to_dict(self):
         """keraslm.json's `limits`: the three limits and the two byte bounds they imply."""

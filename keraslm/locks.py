@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError
 from keraslm.files import cannot_write
 
 LOCK_FILE = ".keraslm.lock"
@@ -47,14 +47,15 @@ def _holder(path):
 
 
 @contextlib.contextmanager
-def locked_directory(directory, what="run directory", flag="--run-dir"):
+def locked_directory(directory, what="run directory", argument="run_dir"):
     """Create `directory` if needed and hold its lock for the block; refuse at once when another
     process holds it. A directory this call created and the block left empty is removed again, so
     a command refused before it wrote anything leaves nothing behind.
 
     Raises:
-        UsageError: the directory is locked by another process, or cannot be created or written
-            (a file, a symlink loop, a read-only file system …).
+        ArgumentError: naming `argument` (the one that gave the directory): the directory is locked
+            by another process, or cannot be created or written (a file, a symlink loop, a
+            read-only file system …).
     """
     created = not os.path.isdir(directory)
     path = os.path.join(directory, LOCK_FILE)
@@ -63,12 +64,12 @@ def locked_directory(directory, what="run directory", flag="--run-dir"):
         fd = _open_locked(path)
     except FileExistsError:
         kind = "a symbolic link to nowhere (a loop or a missing target)" if os.path.islink(directory) else "a file"
-        raise UsageError(f"{flag} {directory} is {kind}, not a directory; give another path") from None
+        raise ArgumentError.about(argument, f"{directory} is {kind}, not a directory; give another path") from None
     except OSError as e:
-        raise UsageError(f"{flag}: {cannot_write(directory, e)}") from None
+        raise ArgumentError.about(argument, cannot_write(directory, e), separator=": ") from None
     if fd is None:
-        raise UsageError(
-            f"{flag} {directory}: the {what} is in use by {_holder(path)}; wait for it to finish or choose another"
+        raise ArgumentError.about(
+            argument, f"{directory}: the {what} is in use by {_holder(path)}; wait for it to finish or choose another"
         )
     try:
         started = datetime.datetime.now().isoformat(timespec="seconds")

@@ -32,7 +32,7 @@ import os
 
 import numpy as np
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
 
 # The smallest temperature that samples: below it, logits / temperature overflows float32 logits
 # (and float64 soon after) and every draw is garbage. 0 means greedy; anything in between is refused.
@@ -41,14 +41,21 @@ TOP_K_OFF = 0
 TOP_P_OFF = 1.0
 
 
-def check_settings(temperature, top_k, top_p):
-    """Refuse settings outside rule 1 with a UsageError naming the argument and its range."""
+def check_temperature(temperature, name="temperature"):
+    """Refuse a temperature outside rule 1; `name` is the argument that gave it."""
     if not (temperature == 0 or MIN_TEMPERATURE <= temperature < np.inf):
-        raise UsageError(f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
+        raise ArgumentError.about(
+            name, f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}"
+        )
+
+
+def check_settings(temperature, top_k, top_p):
+    """Refuse settings outside rule 1 with an ArgumentError naming the argument and its range."""
+    check_temperature(temperature)
     if not (isinstance(top_k, (int, np.integer)) and top_k >= 0):
-        raise UsageError(f"top-k must be an integer >= 0 ({TOP_K_OFF} = off), got {top_k}")
+        raise ArgumentError.about("top_k", f"must be an integer >= 0 ({TOP_K_OFF} = off), got {top_k}")
     if not 0 < top_p <= 1:
-        raise UsageError(f"top-p must be in (0, 1] ({TOP_P_OFF:g} = off), got {top_p}")
+        raise ArgumentError.about("top_p", f"must be in (0, 1] ({TOP_P_OFF:g} = off), got {top_p}")
 
 
 def keep_top_k(scaled, k):
@@ -85,7 +92,7 @@ class Sampler:
 
     def __init__(self, temperature=1.0):
         if not temperature > 0:
-            raise UsageError(f"temperature must be > 0 for random sampling, got {temperature}")
+            raise ArgumentError.about("temperature", f"must be > 0 for random sampling, got {temperature}")
         self.temperature = temperature
 
     def __call__(self, logits, rng):
@@ -137,7 +144,7 @@ class TopKSampler(Sampler):
     def __init__(self, k, temperature=1.0):
         super().__init__(temperature)
         if not (isinstance(k, (int, np.integer)) and k >= 1):
-            raise UsageError(f"top-k must be a positive integer, got {k}")
+            raise ArgumentError.about("k", f"must be a positive integer, got {k}")
         self.k = int(k)
 
     def filter(self, scaled):
@@ -157,9 +164,9 @@ class TopPSampler(Sampler):
     def __init__(self, p, temperature=1.0, k=None):
         super().__init__(temperature)
         if not 0 < p <= 1:
-            raise UsageError(f"top-p must be in (0, 1], got {p}")
+            raise ArgumentError.about("p", f"must be in (0, 1], got {p}")
         if not (k is None or (isinstance(k, (int, np.integer)) and k >= 1)):
-            raise UsageError(f"top-k must be a positive integer or None, got {k}")
+            raise ArgumentError.about("k", f"must be a positive integer or None, got {k}")
         self.p = p
         self.k = None if k is None else int(k)
 

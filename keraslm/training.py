@@ -308,7 +308,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
         try:
             datasets[name] = tbptt_dataset(stream, train_config.batch_size, train_config.bptt)
         except UsageError as e:
-            raise UsageError(f"{name} split: {e}") from None
+            raise e.within(f"{name} split") from None
         if dry_run:
             datasets[name] = datasets[name].take(2)
 

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -33,7 +33,7 @@ class Vocabulary:
 
     def __init__(self, level, tokens):
         if level not in ("char", "word"):
-            raise UsageError(f"unknown vocabulary level {level!r}; expected 'char' or 'word'")
+            raise ArgumentError("unknown vocabulary {level} {got!r}; expected 'char' or 'word'", got=level)
         self.level = level
         self.tokens = list(tokens)
         self.index = {t: i for i, t in enumerate(self.tokens)}
@@ -141,7 +141,10 @@ class Vocabulary:
             raise UsageError("vocabulary must be an object with a non-empty 'tokens' list")
         if not all(isinstance(t, str) for t in d["tokens"]):
             raise UsageError("vocabulary tokens must all be strings")
-        return cls(d.get("level"), d["tokens"])
+        try:
+            return cls(d.get("level"), d["tokens"])
+        except ArgumentError as e:  # the level came from a file, not a flag: keep its field name
+            raise UsageError(str(e)) from None
 
     def save(self, path):
         """Write vocab.json atomically."""

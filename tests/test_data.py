@@ -85,7 +85,7 @@ def test_bad_sources(tmp_path):
     with pytest.raises(UsageError, match="empty"):
         load_corpus(DataConfig(source=str(tmp_path / "empty.txt")))
     (tmp_path / "latin.txt").write_bytes("caf\xe9\n".encode("latin-1") * 50)
-    with pytest.raises(UsageError, match="--encoding"):
+    with pytest.raises(UsageError, match="pass encoding with the file's encoding"):
         load_corpus(DataConfig(source=str(tmp_path / "latin.txt")))
     assert "café" in load_corpus(DataConfig(source=str(tmp_path / "latin.txt"), encoding="latin-1"))["train"]
     with pytest.raises(UsageError, match="no dataset"):

@@ -19,6 +19,7 @@ def tiny_config(cell, **kwargs):
             "embedding_dim": 6,
             "hidden_dim": 5,
             "dropout": 0.1,
+            "init": "keras",
             **kwargs,
         }
     )
@@ -119,7 +120,7 @@ def test_tied_weights_are_one_variable():
 
 
 def test_tie_weights_needs_equal_sizes():
-    with pytest.raises(UsageError, match="embedding-dim equal to --hidden-dim"):
+    with pytest.raises(UsageError, match="embedding_dim equal to hidden_dim"):
         tiny_config("lstm", tie_weights=True, embedding_dim=6, hidden_dim=5).validate()
 
 
@@ -151,7 +152,7 @@ def test_torch_initialisation_follows_pytorch_examples():
     for name in ("kernel", "recurrent_kernel", "bias"):  # U(-1/sqrt(H), 1/sqrt(H)), no forget-gate 1s
         values = weights[f"rnn_0/lstm_cell/{name}"]
         assert abs(values).max() <= 0.25 and values.std() > 0.1
-    with pytest.raises(UsageError, match="--init"):
+    with pytest.raises(UsageError, match="unknown init 'xavier'"):
         tiny_config("lstm", init="xavier").validate()
 
 

@@ -77,5 +77,7 @@ def test_generate_carries_the_state_and_produces_the_expected_string():
     ],
 )
 def test_invalid_settings_are_usage_errors(kwargs):
-    with pytest.raises(UsageError):
+    with pytest.raises(UsageError) as raised:
         make_sampler(**kwargs)
+    name = next(iter(kwargs))  # named as the argument; the command line words it as the flag
+    assert raised.value.name == name and str(raised.value).startswith(f"{name} must be ")
