@@ -52,6 +52,23 @@ def _join_gates(cell, by_gate):
     return tf.concat([by_gate[gate] for gate in cell.gates], -1)
 
 
+def lstm_update(cell, gate, c):
+    """An LSTM's activated gates {i, f, c, o} and cell state c → (h, c_next, activation(c_next))."""
+    c_next = gate["f"] * c + gate["i"] * gate["c"]
+    out = ACTIVATIONS[cell.activation](c_next)
+    return gate["o"] * out, c_next, out
+
+
+def gru_update(cell, x_pre, h_pre, h):
+    """One step of a reset_after GRU from the input's and the state's pre-activations [B, 3H], each
+    with its bias row, and h [B, H] → (h_next, (z, r, candidate, h·R_h + b_Rh)): the gates are
+    for the backward pass."""
+    x_gate, h_gate = split_gates(cell, x_pre), split_gates(cell, h_pre)
+    z, r = (ACTIVATIONS[cell.gate_activation(g)](x_gate[g] + h_gate[g]) for g in ("z", "r"))
+    candidate = ACTIVATIONS[cell.activation](x_gate["h"] + r * h_gate["h"])  # reset after h·R + b_R
+    return z * h + (1 - z) * candidate, (z, r, candidate, h_gate["h"])
+
+
 def lstm_sequence(inputs, h0, c0, kernel, recurrent_kernel, bias):
     """Run an LSTM over inputs [B, T, I] from (h0, c0) [B, H].
 
@@ -71,8 +88,7 @@ def _lstm_step(z, c):
     """One LSTM step from pre-activations z [B, 4H] and c [B, H]: (h, c_next, backward factors)."""
     gate = activated_gates(LSTM, z)
     i, f, g, o = gate["i"], gate["f"], gate["c"], gate["o"]
-    c_next = f * c + i * g
-    out = ACTIVATIONS[LSTM.activation](c_next)
+    h, c_next, out = lstm_update(LSTM, gate, c)
     # What the backward pass needs of this step, computed here while the step's gates are in
     # cache: over a whole window afterwards the same products stream [T, B, 4H] tensors
     # through memory (30 ms a layer and window at the char benchmark's size).
@@ -80,7 +96,7 @@ def _lstm_step(z, c):
     derivative = {name: _derivative(LSTM, name, y) for name, y in gate.items()}
     by_gate = {"i": g * derivative["i"], "f": c * derivative["f"], "c": i * derivative["c"], "o": out * derivative["o"]}
     dc_from_dh = o * _DERIVATIVES[LSTM.activation](out)  # what dh_t adds to the gradient of c_t
-    return o * out, c_next, (_join_gates(LSTM, by_gate), dc_from_dh, f)
+    return h, c_next, (_join_gates(LSTM, by_gate), dc_from_dh, f)
 
 
 @tf.custom_gradient
@@ -141,18 +157,16 @@ def gru_sequence(inputs, h0, kernel, recurrent_kernel, bias):
 def _gru_step(x_pre, h_pre, h):
     """One GRU step (reset_after) from the input's and the state's pre-activations [B, 3H] (each
     with its bias row) and h [B, H]: (h_next, backward factors)."""
-    x_gate, h_gate = split_gates(GRU, x_pre), split_gates(GRU, h_pre)
-    z, r = (ACTIVATIONS[GRU.gate_activation(g)](x_gate[g] + h_gate[g]) for g in ("z", "r"))
-    candidate = ACTIVATIONS[GRU.activation](x_gate["h"] + r * h_gate["h"])  # reset after h·R + b_R
+    h_next, (z, r, candidate, h_term) = gru_update(GRU, x_pre, h_pre, h)
     # What the backward pass needs of this step, computed while it is in cache (see _lstm_step).
     # With dh the gradient of h_t: ∂z_pre = dh·f_z, ∂r_pre = dh·f_r, ∂candidate_pre = dh·f_c,
     # and the recurrent pre-activations get [f_z, f_r, f_c·r]·dh.
     f_z = (h - candidate) * _derivative(GRU, "z", z)
     f_c = (1 - z) * _derivative(GRU, "h", candidate)
-    f_r = f_c * h_gate["h"] * _derivative(GRU, "r", r)
+    f_r = f_c * h_term * _derivative(GRU, "r", r)
     input_factors = _join_gates(GRU, {"z": f_z, "r": f_r, "h": f_c})
     recurrent_factors = _join_gates(GRU, {"z": f_z, "r": f_r, "h": f_c * r})
-    return z * h + (1 - z) * candidate, (input_factors, recurrent_factors, z)
+    return h_next, (input_factors, recurrent_factors, z)
 
 
 @tf.custom_gradient
