@@ -256,10 +256,10 @@ def _simple_rnn(inputs, h0, kernel, recurrent_kernel, bias, activation, derivati
 
 def _simple_rnn_kernel(activation):
     """The SimpleRNN window kernel for `activation`, with its backward pass."""
+    forward, derivative = ACTIVATIONS[activation], _DERIVATIVES[activation]
 
     @tf.custom_gradient
     def run(inputs, h0, kernel, recurrent_kernel, bias):
-        forward, derivative = ACTIVATIONS[activation], _DERIVATIVES[activation]
         return _simple_rnn(inputs, h0, kernel, recurrent_kernel, bias, forward, derivative)
 
     return run

@@ -104,7 +104,7 @@ def _logits(graph, x, twin, model_config, table):
     """Hidden states [T, B, H] → logits [B, T, V]: the Dense layer, or the embedding transposed."""
     x = graph.node("Transpose", [x], ["hidden_bth"], perm=[1, 0, 2])  # [B, T, H]
     if model_config.tie_weights:
-        embedding, bias = twin.get_layer("embedding").get_weights()
+        _, bias = twin.get_layer("embedding").get_weights()
         kernel = graph.node("Transpose", [table], ["embedding_t"], perm=[1, 0])
     else:
         kernel, bias = twin.get_layer("logits").get_weights()
