@@ -9,10 +9,11 @@ import json
 import math
 import typing
 
+from keraslm import cells
 from keraslm.errors import ArgumentError, UsageError, first_line
 from keraslm.sampling import check_temperature
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+CELLS = tuple(cells.CELLS)
 LEVELS = ("char", "word")
 DEFAULT_LEVEL = "char"
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -75,16 +76,11 @@ class ModelConfig:
         """The parameter count of the models `keraslm.model` builds from this config
         (tests check it against Keras' own count); a vocabulary size of 0 counts no embedding or output."""
         vocabulary, hidden = self.vocabulary_size, self.hidden_dim
-        # Each gate has an input kernel, a recurrent kernel and a bias; Keras' GRU (reset_after) two biases.
-        gates, biases = {"lstm": (4, 1), "gru": (3, 2)}.get(self.cell, (1, 1))
-
-        def layer(inputs):
-            return gates * (inputs * hidden + hidden * hidden + biases * hidden)
-
+        layer = cells.CELLS[self.cell].num_parameters
         first_inputs = vocabulary if self.one_hot else self.embedding_dim
         embedding = 0 if self.one_hot else vocabulary * self.embedding_dim
         output = vocabulary if self.tie_weights else (hidden + 1) * vocabulary  # tied: only the output bias
-        return embedding + layer(first_inputs) + (self.num_layers - 1) * layer(hidden) + output
+        return embedding + layer(first_inputs, hidden) + (self.num_layers - 1) * layer(hidden, hidden) + output
 
     def validate(self):
         """Raise ArgumentError, naming the field, on a setting the model cannot be built with."""

@@ -10,13 +10,63 @@ PyTorch's CPU kernels do:
     backward  the loop carries only the state's gradient (one matmul by Rᵀ per step); dW = Xᵀ·dZ,
               dR = H_prevᵀ·dZ, db = Σ dZ and dX = dZ·Wᵀ are single large matmuls after it
 
-The mathematics is Keras' cells (LSTM gates i, f, c, o; GRU with reset_after, gates z, r, h;
-SimpleRNN with tanh or relu), so weights, checkpoints and exports are unchanged;
-tests/test_cell_math.py checks outputs and every gradient against Keras' differentiated loop.
-model.WindowKernel puts them under the stateful training layers.
+The mathematics is Keras' cells (LSTM; GRU with reset_after; SimpleRNN), written over the gates by
+name; where each gate sits in the weight columns and which activation it takes come from
+keraslm.cells, so weights, checkpoints and exports are unchanged. tests/test_cell_math.py checks
+outputs and every gradient against Keras' differentiated loop. model.WindowKernel puts them under
+the stateful training layers.
 """
 
 import tensorflow as tf
+
+from keraslm.cells import CELLS
+
+LSTM, GRU = CELLS["lstm"], CELLS["gru"]
+# The activations keraslm.cells names, and each one's derivative written in its output y: the
+# backward pass keeps outputs, not pre-activations.
+ACTIVATIONS = {"sigmoid": tf.sigmoid, "tanh": tf.tanh, "relu": tf.nn.relu}
+_DERIVATIVES = {
+    "sigmoid": lambda y: y * (1 - y),
+    "tanh": lambda y: 1 - y * y,
+    "relu": lambda y: tf.cast(y > 0, y.dtype),
+}
+
+
+def split_gates(cell, z):
+    """Pre-activations z [..., g·H] as {gate: [..., H]}, cut in the cell's column order."""
+    return dict(zip(cell.gates, tf.split(z, len(cell.gates), axis=-1), strict=True))
+
+
+def activated_gates(cell, z):
+    """{gate: its activation} of pre-activations z [..., g·H]."""
+    return {gate: ACTIVATIONS[cell.gate_activation(gate)](pre) for gate, pre in split_gates(cell, z).items()}
+
+
+def _derivative(cell, gate, y):
+    """The derivative of `gate`'s activation, from its output y."""
+    return _DERIVATIVES[cell.gate_activation(gate)](y)
+
+
+def _join_gates(cell, by_gate):
+    """{gate: [..., H]} as one [..., g·H], in the cell's column order."""
+    return tf.concat([by_gate[gate] for gate in cell.gates], -1)
+
+
+def lstm_update(cell, gate, c):
+    """An LSTM's activated gates {i, f, c, o} and cell state c → (h, c_next, activation(c_next))."""
+    c_next = gate["f"] * c + gate["i"] * gate["c"]
+    out = ACTIVATIONS[cell.activation](c_next)
+    return gate["o"] * out, c_next, out
+
+
+def gru_update(cell, x_pre, h_pre, h):
+    """One step of a reset_after GRU from the input's and the state's pre-activations [B, 3H], each
+    with its bias row, and h [B, H] → (h_next, (z, r, candidate, h·R_h + b_Rh)): the gates are
+    for the backward pass."""
+    x_gate, h_gate = split_gates(cell, x_pre), split_gates(cell, h_pre)
+    z, r = (ACTIVATIONS[cell.gate_activation(g)](x_gate[g] + h_gate[g]) for g in ("z", "r"))
+    candidate = ACTIVATIONS[cell.activation](x_gate["h"] + r * h_gate["h"])  # reset after h·R + b_R
+    return z * h + (1 - z) * candidate, (z, r, candidate, h_gate["h"])
 
 
 def lstm_sequence(inputs, h0, c0, kernel, recurrent_kernel, bias):
@@ -25,7 +75,7 @@ def lstm_sequence(inputs, h0, c0, kernel, recurrent_kernel, bias):
     Args:
         inputs: the window, batch-major; its dtype is the matmuls' (bfloat16 under mixed precision).
         h0, c0: the carried state.
-        kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H]: Keras' LSTM weights (gates i, f, c, o).
+        kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H]: Keras' LSTM weights.
 
     Returns:
         (outputs [B, T, H] in inputs' dtype, h_T, c_T in h0's and c0's), differentiable in every argument.
@@ -34,9 +84,19 @@ def lstm_sequence(inputs, h0, c0, kernel, recurrent_kernel, bias):
     return _lstm(inputs, h0, c0, tf.cast(kernel, dtype), tf.cast(recurrent_kernel, dtype), tf.cast(bias, tf.float32))
 
 
-def _gate_activations(z):
-    i, f, g, o = tf.split(z, 4, axis=-1)
-    return tf.sigmoid(i), tf.sigmoid(f), tf.tanh(g), tf.sigmoid(o)
+def _lstm_step(z, c):
+    """One LSTM step from pre-activations z [B, 4H] and c [B, H]: (h, c_next, backward factors)."""
+    gate = activated_gates(LSTM, z)
+    i, f, g, o = gate["i"], gate["f"], gate["c"], gate["o"]
+    h, c_next, out = lstm_update(LSTM, gate, c)
+    # What the backward pass needs of this step, computed here while the step's gates are in
+    # cache: over a whole window afterwards the same products stream [T, B, 4H] tensors
+    # through memory (30 ms a layer and window at the char benchmark's size).
+    # dZ_t = [dc·g, dc·c_prev, dc·i, dh·tanh(c)] ⊙ the activations' derivatives:
+    derivative = {name: _derivative(LSTM, name, y) for name, y in gate.items()}
+    by_gate = {"i": g * derivative["i"], "f": c * derivative["f"], "c": i * derivative["c"], "o": out * derivative["o"]}
+    dc_from_dh = o * _DERIVATIVES[LSTM.activation](out)  # what dh_t adds to the gradient of c_t
+    return h, c_next, (_join_gates(LSTM, by_gate), dc_from_dh, f)
 
 
 @tf.custom_gradient
@@ -44,20 +104,13 @@ def _lstm(inputs, h0, c0, kernel, recurrent_kernel, bias):
     low = inputs.dtype
     x_flat, steps, batch, width = _time_major(inputs)
     units = tf.shape(h0)[1]
-    z_x = tf.reshape(_float_product(x_flat, kernel) + bias, [steps, batch, 4 * units])
+    columns = LSTM.kernel_columns(units)
+    z_x = tf.reshape(_float_product(x_flat, kernel) + bias, [steps, batch, columns])
 
-    def step(t, h, c, hs, factor_s, dc_s, f_s):
-        i, f, g, o = _gate_activations(z_x[t] + _float(tf.matmul(h, recurrent_kernel)))
-        c_next = f * c + i * g
-        tanh_c = tf.tanh(c_next)
-        h = tf.cast(o * tanh_c, low)
-        # What the backward pass needs of this step, computed here while the step's gates are in
-        # cache: over a whole window afterwards the same products stream [T, B, 4H] tensors
-        # through memory (30 ms a layer and window at the char benchmark's size).
-        # dZ_t = [dc·g, dc·c_prev, dc·i, dh·tanh(c)] ⊙ the activations' derivatives:
-        factors = tf.concat([g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o)], -1)
-        dc_from_dh = o * (1 - tanh_c * tanh_c)  # what dh_t adds to the gradient of c_t
-        saved = (factor_s.write(t, factors), dc_s.write(t, dc_from_dh), f_s.write(t, f))
+    def step(t, h, c, hs, *saved):
+        h, c_next, factors = _lstm_step(z_x[t] + _float(tf.matmul(h, recurrent_kernel)), c)
+        h = tf.cast(h, low)
+        saved = (array.write(t, factor) for array, factor in zip(saved, factors, strict=True))
         return t + 1, h, c_next, hs.write(t, h), *saved
 
     arrays = (_array(low, steps, h0), *(_array(tf.float32, steps, h0) for _ in range(3)))
@@ -76,13 +129,13 @@ def _lstm(inputs, h0, c0, kernel, recurrent_kernel, bias):
         def back(t, d_h, d_c, d_z):
             d_h = d_outputs[t] + d_h
             d_c = d_c + d_h * dc_from_dh[t]
-            z = tf.cast(tf.concat([d_c, d_c, d_c, d_h], -1) * factors[t], low)
+            z = tf.cast(_join_gates(LSTM, {"i": d_c, "f": d_c, "c": d_c, "o": d_h}) * factors[t], low)
             d_h = _float(tf.matmul(z, recurrent_t))
             return t - 1, d_h, d_c * f[t], d_z.write(t, z)
 
         back_start = (steps - 1, d_h, d_c, _array(low, steps, h0))
         _, d_h0, d_c0, d_z = tf.while_loop(lambda t, *_: t >= 0, back, back_start)
-        d_z = tf.reshape(d_z.stack(), [-1, 4 * units])  # [T·B, 4H]
+        d_z = tf.reshape(d_z.stack(), [-1, columns])  # [T·B, 4H]
         d_recurrent = tf.matmul(tf.reshape(h_prev, [-1, units]), d_z, transpose_a=True)
         d_inputs, d_kernel = _input_gradients(d_z, x_flat, kernel, steps, batch, width)
         d_h0, d_c0 = tf.cast(d_h0, h0.dtype), tf.cast(d_c0, c0.dtype)
@@ -92,7 +145,7 @@ def _lstm(inputs, h0, c0, kernel, recurrent_kernel, bias):
 
 
 def gru_sequence(inputs, h0, kernel, recurrent_kernel, bias):
-    """Run Keras' GRU (reset_after=True, gates z, r, h) over inputs [B, T, I] from h0 [B, H].
+    """Run Keras' GRU (reset_after=True) over inputs [B, T, I] from h0 [B, H].
 
     bias is Keras' [2, 3H]: the input bias, then the recurrent bias. Returns (outputs [B, T, H] in
     inputs' dtype, h_T in h0's).
@@ -101,30 +154,33 @@ def gru_sequence(inputs, h0, kernel, recurrent_kernel, bias):
     return _gru(inputs, h0, tf.cast(kernel, dtype), tf.cast(recurrent_kernel, dtype), tf.cast(bias, tf.float32))
 
 
+def _gru_step(x_pre, h_pre, h):
+    """One GRU step (reset_after) from the input's and the state's pre-activations [B, 3H] (each
+    with its bias row) and h [B, H]: (h_next, backward factors)."""
+    h_next, (z, r, candidate, h_term) = gru_update(GRU, x_pre, h_pre, h)
+    # What the backward pass needs of this step, computed while it is in cache (see _lstm_step).
+    # With dh the gradient of h_t: ∂z_pre = dh·f_z, ∂r_pre = dh·f_r, ∂candidate_pre = dh·f_c,
+    # and the recurrent pre-activations get [f_z, f_r, f_c·r]·dh.
+    f_z = (h - candidate) * _derivative(GRU, "z", z)
+    f_c = (1 - z) * _derivative(GRU, "h", candidate)
+    f_r = f_c * h_term * _derivative(GRU, "r", r)
+    input_factors = _join_gates(GRU, {"z": f_z, "r": f_r, "h": f_c})
+    recurrent_factors = _join_gates(GRU, {"z": f_z, "r": f_r, "h": f_c * r})
+    return h_next, (input_factors, recurrent_factors, z)
+
+
 @tf.custom_gradient
 def _gru(inputs, h0, kernel, recurrent_kernel, bias):
     low = inputs.dtype
     x_flat, steps, batch, width = _time_major(inputs)
     units = tf.shape(h0)[1]
-    z_x = tf.reshape(_float_product(x_flat, kernel) + bias[0], [steps, batch, 3 * units])
+    columns = GRU.kernel_columns(units)
+    z_x = tf.reshape(_float_product(x_flat, kernel) + bias[0], [steps, batch, columns])
 
-    def step(t, h, hs, input_factor_s, recurrent_factor_s, z_s):
-        r_z, r_r, r_h = tf.split(_float(tf.matmul(tf.cast(h, low), recurrent_kernel)) + bias[1], 3, -1)
-        x_z, x_r, x_h = tf.split(z_x[t], 3, -1)
-        z, r = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r)
-        candidate = tf.tanh(x_h + r * r_h)
-        # What the backward pass needs of this step, computed while it is in cache (see _lstm).
-        # With dh the gradient of h_t: ∂z_pre = dh·f_z, ∂r_pre = dh·f_r, ∂candidate_pre = dh·f_c,
-        # and the recurrent pre-activations get [f_z, f_r, f_c·r]·dh.
-        f_z = (h - candidate) * z * (1 - z)
-        f_c = (1 - z) * (1 - candidate * candidate)
-        f_r = f_c * r_h * r * (1 - r)
-        saved = (
-            input_factor_s.write(t, tf.concat([f_z, f_r, f_c], -1)),
-            recurrent_factor_s.write(t, tf.concat([f_z, f_r, f_c * r], -1)),
-            z_s.write(t, z),
-        )
-        h = z * h + (1 - z) * candidate  # the state stays float32 from step to step
+    def step(t, h, hs, *saved):
+        h_pre = _float(tf.matmul(tf.cast(h, low), recurrent_kernel)) + bias[1]
+        h, factors = _gru_step(z_x[t], h_pre, h)  # the state stays float32 from step to step
+        saved = (array.write(t, factor) for array, factor in zip(saved, factors, strict=True))
         return t + 1, h, hs.write(t, tf.cast(h, low)), *saved
 
     h_first = _float(h0)
@@ -138,14 +194,14 @@ def _gru(inputs, h0, kernel, recurrent_kernel, bias):
 
         def back(t, d_h, d_xs, d_recs):
             d_h = d_outputs[t] + d_h
-            d_h3 = tf.concat([d_h, d_h, d_h], -1)
+            d_h3 = tf.concat([d_h] * len(GRU.gates), -1)
             d_rec = tf.cast(d_h3 * recurrent_factors[t], low)
             d_h_prev = d_h * z[t] + _float(tf.matmul(d_rec, recurrent_t))
             return t - 1, d_h_prev, d_xs.write(t, tf.cast(d_h3 * input_factors[t], low)), d_recs.write(t, d_rec)
 
         back_start = (steps - 1, d_h, _array(low, steps, h0), _array(low, steps, h0))
         _, d_h0, d_x, d_rec = tf.while_loop(lambda t, *_: t >= 0, back, back_start)
-        d_x, d_rec = tf.reshape(d_x.stack(), [-1, 3 * units]), tf.reshape(d_rec.stack(), [-1, 3 * units])
+        d_x, d_rec = tf.reshape(d_x.stack(), [-1, columns]), tf.reshape(d_rec.stack(), [-1, columns])
         d_bias = tf.stack([_column_sums(d_x), _column_sums(d_rec)])
         h_prev = tf.concat([tf.cast(h_first, low)[None], hs[:-1]], 0)
         d_recurrent = tf.matmul(tf.reshape(h_prev, [-1, units]), d_rec, transpose_a=True)
@@ -161,7 +217,7 @@ def rnn_sequence(inputs, h0, kernel, recurrent_kernel, bias, activation):
     Returns (outputs [B, T, H] in inputs' dtype, h_T in h0's).
     """
     dtype = inputs.dtype
-    run = _rnn_tanh if activation == "tanh" else _rnn_relu
+    run = _SIMPLE_RNN_KERNELS[activation]
     return run(inputs, h0, tf.cast(kernel, dtype), tf.cast(recurrent_kernel, dtype), tf.cast(bias, tf.float32))
 
 
@@ -198,14 +254,21 @@ def _simple_rnn(inputs, h0, kernel, recurrent_kernel, bias, activation, derivati
     return (tf.transpose(hs, [1, 0, 2]), tf.cast(h_last, h0.dtype)), grad
 
 
-@tf.custom_gradient
-def _rnn_tanh(inputs, h0, kernel, recurrent_kernel, bias):
-    return _simple_rnn(inputs, h0, kernel, recurrent_kernel, bias, tf.tanh, lambda h: 1 - h * h)
+def _simple_rnn_kernel(activation):
+    """The SimpleRNN window kernel for `activation`, with its backward pass."""
+    forward, derivative = ACTIVATIONS[activation], _DERIVATIVES[activation]
+
+    @tf.custom_gradient
+    def run(inputs, h0, kernel, recurrent_kernel, bias):
+        return _simple_rnn(inputs, h0, kernel, recurrent_kernel, bias, forward, derivative)
+
+    return run
 
 
-@tf.custom_gradient
-def _rnn_relu(inputs, h0, kernel, recurrent_kernel, bias):
-    return _simple_rnn(inputs, h0, kernel, recurrent_kernel, bias, tf.nn.relu, lambda h: tf.cast(h > 0, h.dtype))
+# One kernel per SimpleRNN activation keraslm.cells lists (tanh, relu).
+_SIMPLE_RNN_KERNELS = {
+    cell.activation: _simple_rnn_kernel(cell.activation) for cell in CELLS.values() if cell.keras_layer == "SimpleRNN"
+}
 
 
 def _time_major(inputs):

@@ -1,17 +1,16 @@
-"""The names of a model's carried state: what each cell carries, and how its tensors are called.
+"""The names of a model's carried state, and how its tensors are called.
 
-A layer i carries "h{i}" (LSTM also "c{i}"). The stateless twin, the SavedModel signatures,
-model.onnx and keraslm.json all call the tensor fed in "{name}_in" and the one returned
-"{name}_out"; the returned one is fed back as the next call's input.
+A layer i carries "h{i}" (LSTM also "c{i}"), as keraslm.cells' `states` says. The stateless twin,
+the SavedModel signatures, model.onnx and keraslm.json all call the tensor fed in "{name}_in" and
+the one returned "{name}_out"; the returned one is fed back as the next call's input.
 """
 
-# What each cell carries from step to step, in the order Keras' layers return it.
-CELL_STATES = {"lstm": ("h", "c"), "gru": ("h",), "rnn_tanh": ("h",), "rnn_relu": ("h",)}
+from keraslm.cells import CELLS
 
 
 def layer_state_names(cell, layer):
     """The names of layer `layer`'s state: ["h0", "c0"] for an LSTM's first layer."""
-    return [f"{kind}{layer}" for kind in CELL_STATES[cell]]
+    return [f"{kind}{layer}" for kind in CELLS[cell].states]
 
 
 def state_names(model_config):

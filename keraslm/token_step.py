@@ -8,12 +8,16 @@ runs independent ops side by side, so a step's products use every core.
 
     x·W + h·R  =  concat(x·W₁ + h·R₁, …, x·W_k + h·R_k)      W = [W₁ … W_k], R = [R₁ … R_k]
 
-The equations are Keras' cells (LSTM gates i, f, c, o; GRU with reset_after; SimpleRNN with tanh or
-relu), in float32 as the step signature runs them; tests/test_export.py checks generate's greedy
-continuation against the step model for every cell.
+The equations are Keras' cells, in float32 as the step signature runs them: keraslm.recurrence's
+(gate order and activations from keraslm.cells), over products cut in blocks. tests/test_export.py
+checks generate's greedy continuation against the step model for every cell.
 """
 
 import tensorflow as tf
+
+from keraslm.cells import CELLS
+from keraslm.recurrence import ACTIVATIONS, activated_gates, gru_update, lstm_update
+from keraslm.states import input_name, layer_state_names
 
 # Column blocks per weight matrix. On the 2-core machine this was measured on, 2 and 4 blocks
 # were equally fast at batch 1 (a [512, 2048] product: 119 µs whole, 60 µs in two blocks) and 4
@@ -35,7 +39,8 @@ class TokenStep:
     """
 
     def __init__(self, twin, model_config):
-        self.cell = model_config.cell
+        self.cell_name = model_config.cell
+        self.cell = CELLS[model_config.cell]
         self.layers = [twin.get_layer(f"rnn_{i}").cell for i in range(model_config.num_layers)]
 
     def weights(self):
@@ -52,17 +57,12 @@ class TokenStep:
     def __call__(self, x, states, weights):
         """(output [B, H], new states) for inputs x [B, E] and states {"h{i}_in": [B, H], …}."""
         new_states = {}
-        for i, (kernel, recurrent_kernel, bias) in enumerate(weights):
-            h = states[f"h{i}_in"]
-            if self.cell == "lstm":
-                x, c = _lstm(x, h, states[f"c{i}_in"], kernel, recurrent_kernel, bias)
-                new_states[f"c{i}_in"] = c
-            elif self.cell == "gru":
-                x = _gru(x, h, kernel, recurrent_kernel, bias)
-            else:
-                activation = tf.tanh if self.cell == "rnn_tanh" else tf.nn.relu
-                x = activation(_product(x, kernel) + _product(h, recurrent_kernel) + bias)
-            new_states[f"h{i}_in"] = x
+        step = _STEPS[self.cell.keras_layer]
+        for i, layer_weights in enumerate(weights):
+            names = [input_name(state) for state in layer_state_names(self.cell_name, i)]
+            carried = step(self.cell, x, [states[name] for name in names], *layer_weights)
+            new_states.update(zip(names, carried, strict=True))
+            x = carried[0]  # h, the layer's output
         return x, new_states
 
 
@@ -77,17 +77,26 @@ def _product(x, blocks):
     return tf.concat([tf.matmul(x, block) for block in blocks], axis=-1)
 
 
-def _lstm(x, h, c, kernel, recurrent_kernel, bias):
+def _lstm(cell, x, states, kernel, recurrent_kernel, bias):
+    """(h, c) after one step of an LSTM layer."""
+    h, c = states
     z = tf.concat([tf.matmul(x, w) + tf.matmul(h, r) for w, r in zip(kernel, recurrent_kernel, strict=True)], -1)
-    i, f, g, o = tf.split(z + bias, 4, axis=-1)
-    c = tf.sigmoid(f) * c + tf.sigmoid(i) * tf.tanh(g)
-    return tf.sigmoid(o) * tf.tanh(c), c
+    h, c, _ = lstm_update(cell, activated_gates(cell, z + bias), c)
+    return h, c
 
 
-def _gru(x, h, kernel, recurrent_kernel, bias):
-    # reset_after: the reset gate multiplies h·R_h + b_h, not h (bias [2, 3H]: input, recurrent).
-    x_z, x_r, x_h = tf.split(_product(x, kernel) + bias[0], 3, axis=-1)
-    r_z, r_r, r_h = tf.split(_product(h, recurrent_kernel) + bias[1], 3, axis=-1)
-    z, r = tf.sigmoid(x_z + r_z), tf.sigmoid(x_r + r_r)
-    candidate = tf.tanh(x_h + r * r_h)
-    return z * h + (1 - z) * candidate
+def _gru(cell, x, states, kernel, recurrent_kernel, bias):
+    """(h,) after one step of a reset_after GRU layer (bias [2, 3H]: input, recurrent)."""
+    (h,) = states
+    h, _ = gru_update(cell, _product(x, kernel) + bias[0], _product(h, recurrent_kernel) + bias[1], h)
+    return (h,)
+
+
+def _simple_rnn(cell, x, states, kernel, recurrent_kernel, bias):
+    """(h,) after one step of a SimpleRNN layer."""
+    (h,) = states
+    return (ACTIVATIONS[cell.activation](_product(x, kernel) + _product(h, recurrent_kernel) + bias),)
+
+
+# Each Keras layer's step; each returns the layer's new states in keraslm.cells' `states` order.
+_STEPS = {"LSTM": _lstm, "GRU": _gru, "SimpleRNN": _simple_rnn}

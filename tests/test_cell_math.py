@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from keraslm.config import ModelConfig
+from keraslm import cells
+from keraslm.config import CELLS, ModelConfig
 from keraslm.model import build_step_model, build_training_model
 
 
@@ -65,6 +66,36 @@ def test_logits_are_the_projection_of_the_last_hidden_state():
     _, _, _, out, twin = one_step("rnn_tanh")
     kernel, bias = (w.numpy() for w in twin.get_layer("logits").weights)
     np.testing.assert_allclose(out["logits"][:, 0], out["h0_out"] @ kernel + bias, atol=1e-5)
+
+
+def test_every_cell_has_a_layout():
+    assert set(cells.CELLS) == set(CELLS)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("stateful", [False, True])
+def test_cell_layout_is_the_keras_layers(cell, stateful):
+    """keraslm.cells' layout of each cell is that of the Keras layer the model builders make: its class,
+    weight shapes (gates × units columns, bias rows), activations, reset_after and carried state.
+    (The gate order is checked by the step equations above, ONNX's by the export's parity checks.)"""
+    import keras
+
+    spec = cells.CELLS[cell]
+    config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=1, embedding_dim=4, hidden_dim=3)
+    model = build_training_model(config, batch_size=2) if stateful else build_step_model(config)
+    layer = model.get_layer("rnn_0")
+    assert isinstance(layer, getattr(keras.layers, spec.keras_layer))
+    keras_cell = layer.cell
+    assert tuple(keras_cell.kernel.shape) == (4, spec.kernel_columns(3)) == (4, len(spec.gates) * 3)
+    assert tuple(keras_cell.recurrent_kernel.shape) == (3, spec.kernel_columns(3))
+    assert tuple(keras_cell.bias.shape) == spec.bias_shape(3)
+    assert keras_cell.activation is keras.activations.get(spec.activation)
+    if spec.recurrent_activation is not None:
+        assert keras_cell.recurrent_activation is keras.activations.get(spec.recurrent_activation)
+    assert getattr(keras_cell, "reset_after", False) == spec.reset_after
+    assert len(keras.tree.flatten(keras_cell.state_size)) == len(spec.states)
+    assert spec.num_parameters(4, 3) == layer.count_params()
+    assert sorted(spec.onnx_gates) == sorted(spec.gates) and spec.candidate in spec.gates
 
 
 def window_kernel(cell, x, state, weights):
