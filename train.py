@@ -8,7 +8,7 @@ import sys
 
 from keraslm import artifacts
 from keraslm.cli import ArgumentParser, run_main
-from keraslm.config import CELLS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
+from keraslm.config import CELLS, KERNELS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
 from keraslm.errors import UsageError
 
 # Flags that are not part of RunConfig.
@@ -78,6 +78,12 @@ def parse_args(argv):
     train.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch (default: start token)")
     train.add_argument("--sample-tokens", type=int, help="tokens sampled after each epoch (default 200; 0 = off)")
     train.add_argument("--sample-temperature", type=float, help="temperature of that sample (default 0.8)")
+    train.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        help="keraslm (default): per-replica state and fast CPU kernels, through private Keras APIs; keras: "
+        "plain Keras layers, slower, one device (taken by itself when this Keras changed those APIs)",
+    )
     run = p.add_argument_group("run")
     run.add_argument("--run-dir", help="run directory (default runs/<dataset>-<cell>-<timestamp>)")
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")

@@ -15,6 +15,7 @@ CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 LEVELS = ("char", "word")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("keras", "torch")
+KERNELS = ("keraslm", "keras")  # keraslm.keras_compat
 # The largest model keraslm builds: 2^31 parameters are 8 GiB of float32 weights, and training
 # needs about four times that (gradients and Adam's two slots) before any activation. A larger
 # setting is a typo, or a damaged config.json, and would only end in an out-of-memory crash.
@@ -147,6 +148,10 @@ class TrainConfig:
         sample_prompt: prompt of the sample printed after each epoch ("" = start token).
         sample_tokens: tokens sampled after each epoch (0 = off).
         sample_temperature: temperature of that sample.
+        kernels: "keraslm" (per-replica state, window kernels on a CPU, torch's clipping; needs
+            the private Keras APIs of keraslm.keras_compat) or "keras" (plain Keras stateful layers
+            and optimizers: slower, one replica). A new run takes "keras" when this Keras changed
+            those APIs. Checkpoints name layers by class, so a run resumes only on its own kernels.
     """
 
     batch_size: int = 32
@@ -164,6 +169,7 @@ class TrainConfig:
     sample_prompt: str = ""
     sample_tokens: int = 200
     sample_temperature: float = 0.8
+    kernels: str = "keraslm"
 
     def validate(self):
         """Raise UsageError on an unusable setting."""
@@ -186,6 +192,8 @@ class TrainConfig:
             raise UsageError(f"--sample-tokens must be in [0, {MAX_SAMPLE_TOKENS}], got {self.sample_tokens}")
         if not self.sample_temperature >= 0:
             raise UsageError(f"--sample-temperature must be >= 0, got {self.sample_temperature}")
+        if self.kernels not in KERNELS:
+            raise UsageError(f"unknown --kernels {self.kernels!r}; choose one of {', '.join(KERNELS)}")
 
 
 # Defaults that depend on the level. Word level follows pytorch/examples' word_language_model

@@ -12,10 +12,9 @@ and weights, with the state as explicit inputs `h{i}_in` (LSTM also `c{i}_in`) a
 import keras
 import numpy as np
 from keras import ops
-from keras.src import backend, tree  # private: the two helpers Keras' own state creation uses
-from keras.src.utils import tracking
 
 from keraslm.config import ModelConfig
+from keraslm.keras_compat import StatefulGRU, StatefulLSTM, StatefulSimpleRNN
 from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
 
 
@@ -97,7 +96,7 @@ class Projection(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        if self.compute_dtype == "bfloat16" and backend.backend() == "tensorflow":
+        if self.compute_dtype == "bfloat16" and keras.backend.backend() == "tensorflow":
             from keraslm.projection import bfloat16_projection
 
             return bfloat16_projection(inputs, self.kernel, self.bias)
@@ -105,114 +104,6 @@ class Projection(keras.layers.Dense):
 
     def compute_output_spec(self, inputs):
         return keras.KerasTensor((*inputs.shape[:-1], self.units), dtype="float32")
-
-
-class PerReplicaState:
-    """Mixin for Keras' stateful RNN layers: the carried state lives in sync-on-read variables.
-
-    Keras creates a stateful layer's state as an ordinary (under tf.distribute: mirrored)
-    variable, so replicas that each carry their own batch columns overwrite one another's state.
-    A sync-on-read variable keeps one copy per replica, read and assigned locally: replica r
-    carries the state of its own columns from window to window. Outside a distribution
-    strategy it is an ordinary variable.
-    """
-
-    @tracking.no_automatic_dependency_tracking  # as Keras does: the state is not a weight
-    def _create_state_variables(self, batch_size):
-        with backend.name_scope(self.name, caller=self):
-            self.states = [
-                backend.Variable(
-                    value,
-                    trainable=False,
-                    dtype=self.variable_dtype,
-                    name="rnn_state",
-                    synchronization="on_read",
-                    aggregation="only_first_replica",  # what a cross-replica read (a shape) sees
-                )
-                for value in tree.flatten(self.get_initial_state(batch_size))
-            ]
-
-
-class WindowKernel:
-    """Mixin for Keras' recurrent layers: on a CPU, run the window through keraslm.recurrence.
-
-    The kernels there compute Keras' own cells with a hand-written backward pass that takes the
-    weight gradients out of the time loop (faster on a CPU: benchmarks/RESULTS.md), so weights,
-    checkpoints and exports are unchanged. Anything they do not cover (a mask, dropout inside the
-    cell, other activations) and any GPU (where cuDNN serves LSTM and GRU) keeps Keras' path.
-    """
-
-    def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self._window_kernel_applies(mask):
-            return self._window_kernel(sequences, initial_state)
-        return super().inner_loop(sequences, initial_state, mask, training=training)
-
-    def _window_kernel_applies(self, mask):
-        import tensorflow as tf
-
-        cell = self.cell
-        plain = mask is None and not (self.go_backwards or self.unroll or cell.dropout or cell.recurrent_dropout)
-        return (
-            plain
-            and cell.use_bias
-            and self._cell_is_covered()
-            and backend.backend() == "tensorflow"
-            and not tf.config.list_logical_devices("GPU")
-        )
-
-
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulLSTM(PerReplicaState, WindowKernel, keras.layers.LSTM):
-    """keras.layers.LSTM carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
-
-    def _cell_is_covered(self):
-        cell = self.cell
-        return cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
-
-    def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import lstm_sequence
-
-        cell = self.cell
-        outputs, h, c = lstm_sequence(sequences, *initial_state, cell.kernel, cell.recurrent_kernel, cell.bias)
-        return outputs[:, -1], outputs, [h, c]
-
-
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulGRU(PerReplicaState, WindowKernel, keras.layers.GRU):
-    """keras.layers.GRU carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
-
-    def _cell_is_covered(self):
-        cell = self.cell
-        return (
-            cell.reset_after
-            and cell.activation is keras.activations.tanh
-            and cell.recurrent_activation is keras.activations.sigmoid
-        )
-
-    def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import gru_sequence
-
-        cell = self.cell
-        outputs, h = gru_sequence(sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias)
-        return outputs[:, -1], outputs, [h]
-
-
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulSimpleRNN(PerReplicaState, WindowKernel, keras.layers.SimpleRNN):
-    """keras.layers.SimpleRNN carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
-
-    def _cell_is_covered(self):
-        return self.cell.activation in (keras.activations.tanh, keras.activations.relu)
-
-    def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import rnn_sequence
-
-        cell = self.cell
-        activation = "tanh" if cell.activation is keras.activations.tanh else "relu"
-        outputs, h = rnn_sequence(
-            sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias, activation
-        )
-        return outputs[:, -1], outputs, [h]
 
 
 def _initializers(model_config):
@@ -236,7 +127,13 @@ def _initializers(model_config):
     }
 
 
-def _recurrent_layer(model_config, name, stateful, use_cudnn):
+def _recurrent_layer(model_config, name, stateful, use_cudnn, kernels="keraslm"):
+    # --kernels keras: Keras' own stateful layers, no private Keras API (keraslm.keras_compat).
+    lstm, gru, simple_rnn = (
+        (StatefulLSTM, StatefulGRU, StatefulSimpleRNN)
+        if stateful and kernels == "keraslm"
+        else (keras.layers.LSTM, keras.layers.GRU, keras.layers.SimpleRNN)
+    )
     common = dict(
         units=model_config.hidden_dim,
         return_sequences=True,
@@ -247,16 +144,22 @@ def _recurrent_layer(model_config, name, stateful, use_cudnn):
     common.update(_initializers(model_config)["rnn"])
     cell = model_config.cell
     if cell == "lstm":
-        return (StatefulLSTM if stateful else keras.layers.LSTM)(use_cudnn=use_cudnn, **common)
+        return lstm(use_cudnn=use_cudnn, **common)
     if cell == "gru":
-        return (StatefulGRU if stateful else keras.layers.GRU)(use_cudnn=use_cudnn, **common)
+        return gru(use_cudnn=use_cudnn, **common)
     # SimpleRNN has no cuDNN kernel in Keras; tanh and relu are PyTorch's RNN_TANH / RNN_RELU.
     activation = "tanh" if cell == "rnn_tanh" else "relu"
-    return (StatefulSimpleRNN if stateful else keras.layers.SimpleRNN)(activation=activation, **common)
+    return simple_rnn(activation=activation, **common)
 
 
 def build_model(
-    model_config: ModelConfig, batch_size=None, stateful=False, use_cudnn="auto", with_mask=False, layers_of=None
+    model_config: ModelConfig,
+    batch_size=None,
+    stateful=False,
+    use_cudnn="auto",
+    with_mask=False,
+    layers_of=None,
+    kernels="keraslm",
 ):
     """Build the language model.
 
@@ -272,6 +175,9 @@ def build_model(
             runs over prompts of different lengths, left-padded.
         layers_of: a stateless model built by this function whose layers (and so weights) the new
             model reuses instead of making its own.
+        kernels: stateful only: "keraslm" (per-replica state, window kernels on a CPU: see
+            keraslm.keras_compat) or "keras" (Keras' own stateful layers: slower, one replica).
+            Both hold the same weights under the same names.
 
     Returns:
         A functional `keras.Model`. The stateful model takes tokens and returns logits. Both
@@ -320,7 +226,7 @@ def build_model(
 
     state_outputs = {}
     for i in range(c.num_layers):
-        rnn = layer(f"rnn_{i}", lambda name: _recurrent_layer(c, name, stateful, use_cudnn))
+        rnn = layer(f"rnn_{i}", lambda name: _recurrent_layer(c, name, stateful, use_cudnn, kernels))
         if stateful:
             x = rnn(x)
         else:

@@ -13,7 +13,7 @@ PyTorch's CPU kernels do:
 The mathematics is Keras' cells (LSTM gates i, f, c, o; GRU with reset_after, gates z, r, h;
 SimpleRNN with tanh or relu), so weights, checkpoints and exports are unchanged;
 tests/test_cell_math.py checks outputs and every gradient against Keras' differentiated loop.
-model.WindowKernel puts them under the stateful training layers.
+keras_compat.WindowKernel puts them under the stateful training layers.
 """
 
 import tensorflow as tf
