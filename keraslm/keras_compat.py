@@ -12,8 +12,9 @@ and why it is needed:
 `check()` tells whether this Keras still has them as checked. When it does not, training takes
 `--kernels keras` instead (`choose_kernels`): plain `keras.layers.LSTM/GRU/SimpleRNN(stateful=True)`
 and Keras' own optimizers, which train the same model more slowly on one replica, so a Keras
-upgrade never blocks a run. Nothing else in keraslm imports `keras.src` or overrides a Keras
-method whose name starts with an underscore.
+upgrade never blocks a new run (nor export or sampling, whose stateless twin uses no private API;
+only resuming a run written by keraslm's kernels needs them). Nothing else in keraslm imports
+`keras.src` or overrides a Keras method whose name starts with an underscore.
 """
 
 import dataclasses
@@ -30,7 +31,8 @@ try:
 except ImportError:  # a Keras without it: check() says so, and training takes --kernels keras
 
     def no_automatic_dependency_tracking(method):
-        """Stand-in for the missing decorator; the layers using it are then not built (check())."""
+        """Stand-in for the missing decorator: check() reports it missing, so training takes
+        --kernels keras and never builds the layers that use it."""
         return method
 
 
@@ -93,18 +95,18 @@ PRIVATE_APIS = (
         used_by="PerReplicaState (StatefulLSTM, StatefulGRU, StatefulSimpleRNN)",
         reason="Keras keeps a stateful layer's state in one variable, mirrored under tf.distribute, "
         "so replicas overwrite each other's state (stateful RNNs and tf.distribute: "
-        "tensorflow/tensorflow#39098, #28837; keras-team/keras#8397). No public hook creates it.",
+        "tensorflow/tensorflow#39098, tensorflow/tensorflow#28837; keras-team/keras#8397). No public hook creates it.",
     ),
     *(
         PrivateAPI(
-            target=f"keras.layers:{layer}.inner_loop",
+            target=f"keras.layers:{keras_layer}.inner_loop",
             parameters=("self", "sequences", "initial_state", "mask", "training"),
             caller="keras.layers:RNN.call",
-            used_by=f"WindowKernel ({'StatefulSimpleRNN' if layer == 'RNN' else 'Stateful' + layer})",
+            used_by=f"WindowKernel ({ours})",
             reason="speed, not a bug: on a CPU the window runs through keraslm.recurrence's kernels "
             "(benchmarks/RESULTS.md). No public hook replaces the time loop.",
         )
-        for layer in ("RNN", "LSTM", "GRU")
+        for keras_layer, ours in (("RNN", "StatefulSimpleRNN"), ("LSTM", "StatefulLSTM"), ("GRU", "StatefulGRU"))
     ),
     PrivateAPI(
         target="keras.optimizers:Optimizer._clip_gradients",
@@ -112,7 +114,8 @@ PRIVATE_APIS = (
         caller="keras.optimizers:Optimizer._backend_apply_gradients",
         used_by="ClipAcrossReplicas (keraslm>SGD, Adam, AdamW in keraslm.distribute)",
         reason="Keras clips each replica's gradient before they are summed (tensorflow/tensorflow#33929, "
-        "#25806) and measures an embedding's IndexedSlices gradient by occurrence, not as torch's dense one.",
+        "tensorflow/tensorflow#25806) and measures an embedding's IndexedSlices gradient by occurrence, "
+        "not as torch's dense one.",
     ),
 )
 
