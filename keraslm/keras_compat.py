@@ -71,7 +71,7 @@ class PrivateAPI:
         if self.caller is not None:
             caller = _resolve(self.caller)
             if caller is None:
-                return f"is no longer called: {self.caller.replace(':', '.')} is gone"
+                return f"is no longer called ({self.caller.replace(':', '.')} is gone)"
             name = self.target.replace(":", ".").rsplit(".", 1)[-1]
             if name not in inspect.getsource(caller):
                 return f"is no longer called by {self.caller.replace(':', '.')}"
@@ -81,14 +81,6 @@ class PrivateAPI:
 # Checked against Keras 3.15.1 (CHECKED_KERAS), TensorFlow 2.21.
 PRIVATE_APIS = (
     PrivateAPI(
-        target="keras.src.utils.tracking:no_automatic_dependency_tracking",
-        parameters=("fn",),
-        caller="keras.layers:RNN._create_state_variables",
-        used_by="PerReplicaState._create_state_variables",
-        reason="Keras wraps its own state creation in it so that the state variables are not the "
-        "layer's weights; without it they would join model.weights and the twin's set_weights.",
-    ),
-    PrivateAPI(
         target="keras.layers:RNN._create_state_variables",
         parameters=("self", "batch_size"),
         caller="keras.layers:RNN.build",
@@ -96,6 +88,14 @@ PRIVATE_APIS = (
         reason="Keras keeps a stateful layer's state in one variable, mirrored under tf.distribute, "
         "so replicas overwrite each other's state (stateful RNNs and tf.distribute: "
         "tensorflow/tensorflow#39098, tensorflow/tensorflow#28837; keras-team/keras#8397). No public hook creates it.",
+    ),
+    PrivateAPI(
+        target="keras.src.utils.tracking:no_automatic_dependency_tracking",
+        parameters=("fn",),
+        caller="keras.layers:RNN._create_state_variables",
+        used_by="PerReplicaState._create_state_variables",
+        reason="Keras wraps its own state creation in it so that the state variables are not the "
+        "layer's weights; without it they would join model.weights and the twin's set_weights.",
     ),
     *(
         PrivateAPI(

@@ -54,6 +54,15 @@ def test_a_changed_api_switches_to_stock_kernels_with_one_line(monkeypatch, caps
         choose_kernels("keraslm", replicas=1, resume=True)
 
 
+def test_training_falls_back_to_stock_kernels_and_records_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(keras_compat, "check", lambda: "Keras 9 changed a private API keraslm relies on: X")
+    run_dir = make_run(tmp_path)
+    assert "note: Keras 9 changed a private API keraslm relies on: X; training with --kernels keras" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((run_dir / "config.json").read_text())["train"]["kernels"] == "keras"
+
+
 def test_stock_kernels_refuse_several_replicas():
     assert choose_kernels("keras", replicas=1) == "keras"
     assert choose_kernels("keraslm", replicas=2) == "keraslm"
