@@ -177,7 +177,8 @@ def build_model(
             model reuses instead of making its own.
         kernels: stateful only: "keraslm" (per-replica state, window kernels on a CPU: see
             keraslm.keras_compat) or "keras" (Keras' own stateful layers: slower, one replica).
-            Both hold the same weights under the same names.
+            Both hold the same weights (get_weights / set_weights move them), but a .keras
+            file keys a layer's weights by its class, so a checkpoint loads only into its own.
 
     Returns:
         A functional `keras.Model`. The stateful model takes tokens and returns logits. Both
