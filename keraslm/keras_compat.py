@@ -14,7 +14,8 @@ and why it is needed:
 and Keras' own optimizers, which train the same model more slowly on one replica, so a Keras
 upgrade never blocks a new run (nor export or sampling, whose stateless twin uses no private API;
 only resuming a run written by keraslm's kernels needs them). Nothing else in keraslm imports
-`keras.src` or overrides a Keras method whose name starts with an underscore.
+`keras.src` or overrides a Keras method whose name starts with an underscore: keraslm.loop, the
+loop that replaces Keras 3.15's fit under MultiWorkerMirroredStrategy, uses public APIs only.
 """
 
 import dataclasses
