@@ -7,7 +7,7 @@ import sys
 
 from keraslm import artifacts
 from keraslm.cli import ArgumentParser, run_main
-from keraslm.config import CELLS, DEFAULT_LEVEL, INITS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
+from keraslm.config import CELLS, DEFAULT_LEVEL, INITS, KERNELS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
 from keraslm.errors import UsageError
 
 # Flags that are not part of RunConfig.
@@ -100,6 +100,12 @@ def build_parser():
     )
     train.add_argument(
         "--sample-temperature", type=float, help=f"temperature of that sample ({default_of('sample_temperature')})"
+    )
+    train.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        help="keraslm: per-replica state and fast CPU kernels, through private Keras APIs; keras: plain Keras "
+        f"layers, slower, one device, taken by itself when this Keras changed those APIs ({default_of('kernels')})",
     )
     run = p.add_argument_group("run")
     run.add_argument("--run-dir", help="run directory (default runs/<dataset>-<cell>-<timestamp>)")

@@ -18,6 +18,7 @@ LEVELS = ("char", "word")
 DEFAULT_LEVEL = "char"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("keras", "torch")
+KERNELS = ("keraslm", "keras")  # keraslm.keras_compat
 # The largest model keraslm builds: 2^31 parameters are 8 GiB of float32 weights, and training
 # needs about four times that (gradients and Adam's two slots) before any activation. A larger
 # setting is a typo, or a damaged config.json, and would only end in an out-of-memory crash.
@@ -166,6 +167,10 @@ class TrainConfig:
         sample_prompt: prompt of the sample printed after each epoch ("" = start token).
         sample_tokens: tokens sampled after each epoch (0 = off).
         sample_temperature: temperature of that sample.
+        kernels: "keraslm" (per-replica state, window kernels on a CPU, torch's clipping; needs
+            the private Keras APIs of keraslm.keras_compat) or "keras" (plain Keras stateful layers
+            and optimizers: slower, one replica). A new run takes "keras" when this Keras changed
+            those APIs. Checkpoints name layers by class, so a run resumes only on its own kernels.
 
     The defaults are a char-level run's; `RunConfig.for_level` gives another level's.
     """
@@ -185,6 +190,7 @@ class TrainConfig:
     sample_prompt: str = ""
     sample_tokens: int = 200
     sample_temperature: float = 0.8
+    kernels: str = "keraslm"
 
     def validate(self):
         """Raise ArgumentError, naming the field, on an unusable setting."""
@@ -206,6 +212,7 @@ class TrainConfig:
             raise ArgumentError.about("sample_tokens", f"must be in [0, {MAX_SAMPLE_TOKENS}], got {self.sample_tokens}")
         # Checked now by the sampling rule, not after the first epoch when the sample is drawn.
         check_temperature(self.sample_temperature, "sample_temperature")
+        _one_of("kernels", self.kernels, KERNELS)
 
 
 @dataclasses.dataclass

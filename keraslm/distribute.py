@@ -2,7 +2,7 @@
 
 With R replicas the batch's `batch_size` columns are split R ways: replica r always gets columns
 r·B/R … (r+1)·B/R - 1 of every window (tf.distribute splits each global batch in order), and its
-recurrent layers carry those columns' state in per-replica variables (see model.PerReplicaState).
+recurrent layers carry those columns' state in per-replica variables (see keras_compat.PerReplicaState).
 """
 
 import json
@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 
 from keraslm.errors import ArgumentError, UsageError
+from keraslm.keras_compat import ClipAcrossReplicas
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
 
@@ -78,37 +79,6 @@ def per_replica_batch_size(strategy, batch_size):
             replicas=replicas,
         )
     return batch_size // replicas
-
-
-class ClipAcrossReplicas:
-    """Optimizer mixin: `global_clipnorm` exactly as `torch.nn.utils.clip_grad_norm_` on one device.
-
-    Two differences from Keras' own global_clipnorm:
-    - Keras measures an embedding's IndexedSlices gradient row by occurrence; torch's (dense)
-      embedding gradient adds up the rows of a repeated token first. The norm here is torch's.
-    - Keras clips each replica's gradient before summing them. Here every replica scales its
-      gradient by min(1, clipnorm / ‖Σ_r g_r‖), so the sum is clipped as on a single device.
-    """
-
-    def _clip_gradients(self, grads):
-        if not self.global_clipnorm:
-            return super()._clip_gradients(grads)
-        context = tf.distribute.get_replica_context()
-        total = grads
-        if context is not None and context.num_replicas_in_sync > 1:
-            total = context.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        norm = tf.sqrt(tf.add_n([_squared_norm(g) for g in total if g is not None]))
-        scale = self.global_clipnorm / tf.maximum(norm, self.global_clipnorm)
-        return [g if g is None else g * tf.cast(scale, g.dtype) for g in grads]
-
-
-def _squared_norm(gradient):
-    if isinstance(gradient, tf.IndexedSlices):
-        # Sum the rows of each token before squaring: the dense gradient's norm. A segment sum
-        # into the full vocabulary keeps the shape static, which XLA needs (tf.unique is not).
-        rows = tf.math.unsorted_segment_sum(gradient.values, gradient.indices, gradient.dense_shape[0])
-        return tf.reduce_sum(tf.square(tf.cast(rows, tf.float32)))
-    return tf.reduce_sum(tf.square(tf.cast(gradient, tf.float32)))
 
 
 @keras.saving.register_keras_serializable(package="keraslm")

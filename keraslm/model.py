@@ -13,10 +13,10 @@ twin's own layers with a mask input and only the states out, to prime prompts of
 import keras
 import numpy as np
 from keras import ops
-from keras.src import backend, tree  # private: the two helpers Keras' own state creation uses
-from keras.src.utils import tracking
 
+from keraslm import cells
 from keraslm.config import ModelConfig
+from keraslm.keras_compat import StatefulGRU, StatefulLSTM, StatefulSimpleRNN
 from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
 
 # The names of the layers that hold weights: checkpoints, model.keras and the ONNX export find
@@ -24,6 +24,10 @@ from keraslm.states import in_name, input_name, layer_state_names, output_name, 
 ONE_HOT_LAYER = "one_hot"
 EMBEDDING_LAYER = "embedding"
 PROJECTION_LAYER = "logits"
+
+
+# keraslm's stateful layers for each Keras recurrent layer (--kernels keraslm).
+_KERASLM_LAYERS = {"LSTM": StatefulLSTM, "GRU": StatefulGRU, "SimpleRNN": StatefulSimpleRNN}
 
 
 def recurrent_layer_name(index):
@@ -109,7 +113,7 @@ class Projection(keras.layers.Dense):
     """
 
     def call(self, inputs, training=None):
-        if self.compute_dtype == "bfloat16" and backend.backend() == "tensorflow":
+        if self.compute_dtype == "bfloat16" and keras.backend.backend() == "tensorflow":
             from keraslm.projection import bfloat16_projection
 
             return bfloat16_projection(inputs, self.kernel, self.bias)
@@ -117,114 +121,6 @@ class Projection(keras.layers.Dense):
 
     def compute_output_spec(self, inputs):
         return keras.KerasTensor((*inputs.shape[:-1], self.units), dtype="float32")
-
-
-class PerReplicaState:
-    """Mixin for Keras' stateful RNN layers: the carried state lives in sync-on-read variables.
-
-    Keras creates a stateful layer's state as an ordinary (under tf.distribute: mirrored)
-    variable, so replicas that each carry their own batch columns overwrite one another's state.
-    A sync-on-read variable keeps one copy per replica, read and assigned locally: replica r
-    carries the state of its own columns from window to window. Outside a distribution
-    strategy it is an ordinary variable.
-    """
-
-    @tracking.no_automatic_dependency_tracking  # as Keras does: the state is not a weight
-    def _create_state_variables(self, batch_size):
-        with backend.name_scope(self.name, caller=self):
-            self.states = [
-                backend.Variable(
-                    value,
-                    trainable=False,
-                    dtype=self.variable_dtype,
-                    name="rnn_state",
-                    synchronization="on_read",
-                    aggregation="only_first_replica",  # what a cross-replica read (a shape) sees
-                )
-                for value in tree.flatten(self.get_initial_state(batch_size))
-            ]
-
-
-class WindowKernel:
-    """Mixin for Keras' recurrent layers: on a CPU, run the window through keraslm.recurrence.
-
-    The kernels there compute Keras' own cells with a hand-written backward pass that takes the
-    weight gradients out of the time loop (faster on a CPU: benchmarks/RESULTS.md), so weights,
-    checkpoints and exports are unchanged. Anything they do not cover (a mask, dropout inside the
-    cell, other activations) and any GPU (where cuDNN serves LSTM and GRU) keeps Keras' path.
-    """
-
-    def inner_loop(self, sequences, initial_state, mask, training=False):
-        if self._window_kernel_applies(mask):
-            return self._window_kernel(sequences, initial_state)
-        return super().inner_loop(sequences, initial_state, mask, training=training)
-
-    def _window_kernel_applies(self, mask):
-        import tensorflow as tf
-
-        cell = self.cell
-        plain = mask is None and not (self.go_backwards or self.unroll or cell.dropout or cell.recurrent_dropout)
-        return (
-            plain
-            and cell.use_bias
-            and self._cell_is_covered()
-            and backend.backend() == "tensorflow"
-            and not tf.config.list_logical_devices("GPU")
-        )
-
-
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulLSTM(PerReplicaState, WindowKernel, keras.layers.LSTM):
-    """keras.layers.LSTM carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
-
-    def _cell_is_covered(self):
-        cell = self.cell
-        return cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
-
-    def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import lstm_sequence
-
-        cell = self.cell
-        outputs, h, c = lstm_sequence(sequences, *initial_state, cell.kernel, cell.recurrent_kernel, cell.bias)
-        return outputs[:, -1], outputs, [h, c]
-
-
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulGRU(PerReplicaState, WindowKernel, keras.layers.GRU):
-    """keras.layers.GRU carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
-
-    def _cell_is_covered(self):
-        cell = self.cell
-        return (
-            cell.reset_after
-            and cell.activation is keras.activations.tanh
-            and cell.recurrent_activation is keras.activations.sigmoid
-        )
-
-    def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import gru_sequence
-
-        cell = self.cell
-        outputs, h = gru_sequence(sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias)
-        return outputs[:, -1], outputs, [h]
-
-
-@keras.saving.register_keras_serializable(package="keraslm")
-class StatefulSimpleRNN(PerReplicaState, WindowKernel, keras.layers.SimpleRNN):
-    """keras.layers.SimpleRNN carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
-
-    def _cell_is_covered(self):
-        return self.cell.activation in (keras.activations.tanh, keras.activations.relu)
-
-    def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import rnn_sequence
-
-        cell = self.cell
-        activation = "tanh" if cell.activation is keras.activations.tanh else "relu"
-        outputs, h = rnn_sequence(
-            sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias, activation
-        )
-        return outputs[:, -1], outputs, [h]
 
 
 def _initializers(model_config):
@@ -257,8 +153,15 @@ def _embedding_layer(model_config):
     return embedding(c.vocabulary_size, c.embedding_dim, name=EMBEDDING_LAYER, **_initializers(c)["embedding"])
 
 
-def _recurrent_layer(model_config, index, stateful, use_cudnn):
-    """Recurrent layer "rnn_{index}": stateful ones keep their state in variables between calls."""
+def _recurrent_layer(model_config, index, stateful, use_cudnn, kernels="keraslm"):
+    """Recurrent layer "rnn_{index}": stateful ones keep their state in variables between calls.
+
+    `kernels`: stateful only: "keraslm" takes keraslm.keras_compat's layers (per-replica state,
+    window kernels on a CPU); "keras" Keras' own (no private Keras API: slower, one replica).
+    """
+    cell = cells.CELLS[model_config.cell]
+    ours = stateful and kernels == "keraslm"
+    layer_class = _KERASLM_LAYERS[cell.keras_layer] if ours else getattr(keras.layers, cell.keras_layer)
     common = dict(
         units=model_config.hidden_dim,
         return_sequences=True,
@@ -267,14 +170,13 @@ def _recurrent_layer(model_config, index, stateful, use_cudnn):
         name=recurrent_layer_name(index),
     )
     common.update(_initializers(model_config)["rnn"])
-    cell = model_config.cell
-    if cell == "lstm":
-        return (StatefulLSTM if stateful else keras.layers.LSTM)(use_cudnn=use_cudnn, **common)
-    if cell == "gru":
-        return (StatefulGRU if stateful else keras.layers.GRU)(use_cudnn=use_cudnn, **common)
-    # SimpleRNN has no cuDNN kernel in Keras; tanh and relu are PyTorch's RNN_TANH / RNN_RELU.
-    activation = "tanh" if cell == "rnn_tanh" else "relu"
-    return (StatefulSimpleRNN if stateful else keras.layers.SimpleRNN)(activation=activation, **common)
+    if cell.recurrent_activation:
+        common["recurrent_activation"] = cell.recurrent_activation
+    if cell.reset_after:
+        common["reset_after"] = True
+    if cell.keras_layer != "SimpleRNN":  # SimpleRNN has no cuDNN kernel in Keras
+        common["use_cudnn"] = use_cudnn
+    return layer_class(activation=cell.activation, **common)
 
 
 def _projection_layer(model_config):
@@ -314,12 +216,15 @@ class ModelLayers:
         self.projection = projection
 
     @classmethod
-    def create(cls, model_config, stateful, use_cudnn="auto"):
+    def create(cls, model_config, stateful, use_cudnn="auto", kernels="keraslm"):
         """New layers; `stateful` recurrent layers (training) carry their state in variables.
 
         `use_cudnn` goes to LSTM and GRU; export uses False so the graph runs on any CPU.
+        `kernels` picks the stateful layers' implementation (see `_recurrent_layer`).
         """
-        recurrent = [_recurrent_layer(model_config, i, stateful, use_cudnn) for i in range(model_config.num_layers)]
+        recurrent = [
+            _recurrent_layer(model_config, i, stateful, use_cudnn, kernels) for i in range(model_config.num_layers)
+        ]
         return cls(model_config, _embedding_layer(model_config), recurrent, _projection_layer(model_config))
 
     @classmethod
@@ -383,7 +288,7 @@ def _carry_states(layers, inputs, mask=None):
     return x, state_outputs
 
 
-def build_training_model(model_config: ModelConfig, batch_size, use_cudnn="auto"):
+def build_training_model(model_config: ModelConfig, batch_size, use_cudnn="auto", kernels="keraslm"):
     """The training model: tokens [batch_size, T] to logits [batch_size, T, V].
 
     Its recurrent layers are stateful: each keeps its last state in variables and starts the next
@@ -394,6 +299,10 @@ def build_training_model(model_config: ModelConfig, batch_size, use_cudnn="auto"
         model_config: the architecture.
         batch_size: the static batch size the carried state is made for.
         use_cudnn: passed to LSTM and GRU.
+        kernels: "keraslm" (per-replica state, window kernels on a CPU: keraslm.keras_compat) or
+            "keras" (Keras' own stateful layers: slower, one replica). Both hold the same weights
+            (get_weights / set_weights move them), but a .keras file keys a layer's weights by its
+            class, so a checkpoint loads only into a model of its own kernels.
 
     Example:
         config = ModelConfig(vocabulary_size=65, cell="gru", hidden_dim=128, embedding_dim=128)
@@ -403,7 +312,7 @@ def build_training_model(model_config: ModelConfig, batch_size, use_cudnn="auto"
     """
     if not batch_size:
         raise ValueError("a stateful model needs a static batch_size")
-    layers = ModelLayers.create(model_config, stateful=True, use_cudnn=use_cudnn)
+    layers = ModelLayers.create(model_config, stateful=True, use_cudnn=use_cudnn, kernels=kernels)
     tokens = _tokens_input(batch_size)
     x = layers.embed(tokens)
     for i, rnn in enumerate(layers.recurrent):

@@ -13,7 +13,7 @@ PyTorch's CPU kernels do:
 The mathematics is Keras' cells (LSTM; GRU with reset_after; SimpleRNN), written over the gates by
 name; where each gate sits in the weight columns and which activation it takes come from
 keraslm.cells, so weights, checkpoints and exports are unchanged. tests/test_cell_math.py checks
-outputs and every gradient against Keras' differentiated loop. model.WindowKernel puts them under
+outputs and every gradient against Keras' differentiated loop. keras_compat.WindowKernel puts them under
 the stateful training layers.
 """
 

@@ -29,7 +29,7 @@ class TokenStep:
     """The recurrent layers of a stateless twin as one-token functions with split weights.
 
     Args:
-        twin: the stateless model (`model.build_model`), whose layers `rnn_0` … hold the weights.
+        twin: the stateless model (`model.build_step_model`), whose layers `rnn_0` … hold the weights.
         model_config: its ModelConfig.
 
     Example:

@@ -20,7 +20,7 @@ import zipfile
 
 import keras
 
-from keraslm import artifacts, distribute, history, loop
+from keraslm import artifacts, distribute, history, keras_compat, loop
 from keraslm import callbacks as run_callbacks
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
@@ -194,15 +194,17 @@ def make_optimizer(train_config):
     `clip_grad_norm_(params, max_norm)` rescales all gradients together when their global L2
     norm exceeds max_norm: that is Keras' `global_clipnorm`. (Keras' `clipnorm` clips each
     variable's gradient on its own, a different rule.) Across replicas, the clipping sees the
-    gradient of the whole global batch (distribute.ClipAcrossReplicas).
+    gradient of the whole global batch (keras_compat.ClipAcrossReplicas). With --kernels keras,
+    Keras' own optimizers: one replica, but an embedding's gradient measured by occurrence.
     """
     clip = {"global_clipnorm": train_config.clipnorm} if train_config.clipnorm else {}
     lr = train_config.lr
+    optimizers = distribute if train_config.kernels == "keraslm" else keras.optimizers
     if train_config.optimizer == "sgd":
-        return distribute.SGD(lr, **clip)
+        return optimizers.SGD(lr, **clip)
     if train_config.optimizer == "adam":
-        return distribute.Adam(lr, **clip)
-    return distribute.AdamW(lr, weight_decay=train_config.weight_decay, **clip)
+        return optimizers.Adam(lr, **clip)
+    return optimizers.AdamW(lr, weight_decay=train_config.weight_decay, **clip)
 
 
 def encode_splits(splits, vocab):
@@ -244,6 +246,7 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
     if resume and not os.path.exists(os.path.join(run_dir, artifacts.CHECKPOINT)):  # on every worker, before any work
         raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
     strategy = distribute.make_strategy(strategy)
+    config.train.kernels = keras_compat.choose_kernels(config.train.kernels, strategy.num_replicas_in_sync, resume)
     if config.train.jit_compile and distribute.is_multi_worker(strategy):
         raise UsageError("--jit-compile does not combine with --strategy multi-worker; leave one out")
     previous_policy = keras.mixed_precision.global_policy()
@@ -316,7 +319,7 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
     run = Run(run_dir, config, vocab)
     with strategy.scope():
         # Each replica's layers carry the state of its own batch_size / replicas columns.
-        model = build_training_model(config.model, batch_size=replica_batch_size)
+        model = build_training_model(config.model, batch_size=replica_batch_size, kernels=train_config.kernels)
         model.compile(
             optimizer=make_optimizer(train_config),
             loss=SparseCrossEntropy(),  # Keras' sparse cross-entropy, 2-5× faster on a CPU (losses.py)
