@@ -25,7 +25,7 @@ import inspect
 import keras
 import tensorflow as tf
 
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
 
 try:
     from keras.src.utils.tracking import no_automatic_dependency_tracking
@@ -170,14 +170,19 @@ def choose_kernels(requested, replicas, resume=False):
             f"{problem}; this run's checkpoint needs it: resume with Keras {CHECKED_KERAS}, or start a new run"
         )
     if problem and replicas > 1:
-        raise UsageError(f"{problem}; {replicas} replicas need it; train on one device (--strategy default)")
+        raise ArgumentError(
+            "{problem}; {count} replicas need it; train on one device ({strategy} default)",
+            problem=problem,
+            count=replicas,
+        )
     if problem:
         print(f"note: {problem}; training with --kernels keras (plain Keras layers: the same model, slower)")
         return "keras"
     if requested == "keras" and replicas > 1:
-        raise UsageError(
-            f"--kernels keras carries each layer's state in one variable, which {replicas} replicas would "
-            "overwrite; use --kernels keraslm or --strategy default"
+        raise ArgumentError(
+            "{kernels} keras carries each layer's state in one variable, which {count} replicas would "
+            "overwrite; use {kernels} keraslm or {strategy} default",
+            count=replicas,
         )
     return requested
 

@@ -66,15 +66,16 @@ def test_training_falls_back_to_stock_kernels_and_records_it(tmp_path, monkeypat
 def test_stock_kernels_refuse_several_replicas():
     assert choose_kernels("keras", replicas=1) == "keras"
     assert choose_kernels("keraslm", replicas=2) == "keraslm"
-    with pytest.raises(UsageError, match="--kernels keras .* 2 replicas would overwrite"):
+    with pytest.raises(UsageError, match="kernels keras .* 2 replicas would overwrite") as refused:
         choose_kernels("keras", replicas=2)
+    assert refused.value.worded(lambda name: "--" + name).startswith("--kernels keras")
 
 
 def test_config_without_kernels_loads_as_keraslm():
     saved = RunConfig().to_dict()
     del saved["train"]["kernels"]  # a config.json written before the field existed
     assert RunConfig.from_dict(saved).train.kernels == "keraslm"
-    with pytest.raises(UsageError, match="unknown --kernels 'fast'; choose one of keraslm, keras"):
+    with pytest.raises(UsageError, match="unknown kernels 'fast'; choose one of keraslm, keras"):
         RunConfig.from_dict({**saved, "train": {**saved["train"], "kernels": "fast"}}).validate()
 
 
