@@ -16,6 +16,7 @@ checks generate's greedy continuation against the step model for every cell.
 import tensorflow as tf
 
 from keraslm.cells import CELLS
+from keraslm.model import recurrent_layer_name
 from keraslm.recurrence import ACTIVATIONS, activated_gates, gru_update, lstm_update
 from keraslm.states import input_name, layer_state_names
 
@@ -41,7 +42,7 @@ class TokenStep:
     def __init__(self, twin, model_config):
         self.cell_name = model_config.cell
         self.cell = CELLS[model_config.cell]
-        self.layers = [twin.get_layer(f"rnn_{i}").cell for i in range(model_config.num_layers)]
+        self.layers = [twin.get_layer(recurrent_layer_name(i)).cell for i in range(model_config.num_layers)]
 
     def weights(self):
         """Per layer: (kernel blocks, recurrent-kernel blocks, bias) as float32 tensors."""

@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from keraslm.cells import CELLS
+from keraslm.model import EMBEDDING_LAYER, PROJECTION_LAYER, recurrent_layer_name
 from keraslm.states import input_name, layer_state_names, output_name, state_names
 
 OPSET = 17
@@ -76,7 +77,7 @@ def _embedded(graph, twin, model_config):
     if c.one_hot:
         table = graph.constant("one_hot", np.eye(c.vocabulary_size, dtype=np.float32))
     else:
-        table = graph.constant("embedding", twin.get_layer("embedding").get_weights()[0].astype(np.float32))
+        table = graph.constant("embedding", twin.get_layer(EMBEDDING_LAYER).get_weights()[0].astype(np.float32))
     x = graph.node("Gather", [table, "tokens"], ["embedded"])  # [B, T, E]
     return graph.node("Transpose", [x], ["embedded_tbe"], perm=[1, 0, 2]), table
 
@@ -86,7 +87,7 @@ def _recurrent_layer(graph, x, twin, model_config, i, axes):
     `axes` names the constants [0] and [1]."""
     cell = CELLS[model_config.cell]
     zero_axis, one_axis = axes
-    weights = _onnx_weights(cell, *twin.get_layer(f"rnn_{i}").get_weights())
+    weights = _onnx_weights(cell, *twin.get_layer(recurrent_layer_name(i)).get_weights())
     names = (f"W{i}", f"R{i}", f"B{i}")
     inputs = [x, *(graph.constant(name, w.astype(np.float32)) for name, w in zip(names, weights, strict=True))]
     inputs.append("")  # no sequence_lens
@@ -94,7 +95,9 @@ def _recurrent_layer(graph, x, twin, model_config, i, axes):
     for state in states:  # [B, H] → [1, B, H]
         inputs.append(graph.node("Unsqueeze", [input_name(state), zero_axis], [f"{state}_initial"]))
     outputs = [f"y{i}", *(f"{state}_last" for state in states)]
-    graph.node(cell.onnx_op, inputs, outputs, name=f"rnn_{i}", **_onnx_attributes(cell, model_config.hidden_dim))
+    graph.node(
+        cell.onnx_op, inputs, outputs, name=recurrent_layer_name(i), **_onnx_attributes(cell, model_config.hidden_dim)
+    )
     for state in states:
         graph.node("Squeeze", [f"{state}_last", zero_axis], [output_name(state)])
     return graph.node("Squeeze", [f"y{i}", one_axis], [f"y{i}_tbh"])  # [T, 1, B, H] → [T, B, H]
@@ -104,10 +107,10 @@ def _logits(graph, x, twin, model_config, table):
     """Hidden states [T, B, H] → logits [B, T, V]: the Dense layer, or the embedding transposed."""
     x = graph.node("Transpose", [x], ["hidden_bth"], perm=[1, 0, 2])  # [B, T, H]
     if model_config.tie_weights:
-        _, bias = twin.get_layer("embedding").get_weights()
+        _, bias = twin.get_layer(EMBEDDING_LAYER).get_weights()
         kernel = graph.node("Transpose", [table], ["embedding_t"], perm=[1, 0])
     else:
-        kernel, bias = twin.get_layer("logits").get_weights()
+        kernel, bias = twin.get_layer(PROJECTION_LAYER).get_weights()
         kernel = graph.constant("logits_kernel", kernel.astype(np.float32))
     projected = graph.node("MatMul", [x, kernel], ["projected"])
     return graph.node("Add", [projected, graph.constant("logits_bias", bias.astype(np.float32))], ["logits"])
