@@ -22,7 +22,7 @@ import os
 import numpy as np
 
 from keraslm import artifacts, serving, serving_client
-from keraslm.errors import UsageError, first_line
+from keraslm.errors import ArgumentError, UsageError, first_line
 from keraslm.versions import versions
 from keraslm.vocab import Vocabulary
 
@@ -330,7 +330,9 @@ def open_backend(model, backend=None, server=None, model_name=None, version=None
     kind, path = resolve_model(model)
     backend = backend or ("onnx" if kind == "export" else "keras")
     if int8 and backend != "onnx":
-        raise UsageError(f"--int8 is an onnx backend model; the {backend} backend runs float32")
+        raise ArgumentError(
+            "{int8} is an onnx backend model; the {backend_name} backend runs float32", backend_name=backend
+        )
     if backend == "keras":
         if kind != "run":
             raise UsageError(f"the keras backend needs a run directory (with model.keras); {model} is an export")

@@ -14,7 +14,7 @@ import time
 import urllib.parse
 
 from keraslm import serving
-from keraslm.errors import UsageError, first_line
+from keraslm.errors import ArgumentError, UsageError, first_line
 
 # What to check when a server answers with something that is not the signature's outputs.
 REMEDY = "is it TF Serving, serving this export (--model-name)?"
@@ -96,7 +96,7 @@ class TFServingClient:
         except ValueError:  # a port that is not a number in [0, 65535], a broken [IPv6] address
             self.host = None
         if not self.server.startswith(("http://", "https://")) or not self.host:
-            raise UsageError(f"--server {server!r}: give http://host:8501 (REST) or grpc://host:8500")
+            raise ArgumentError("{server} {value!r}: give http://host:8501 (REST) or grpc://host:8500", value=server)
 
     @property
     def _url(self):

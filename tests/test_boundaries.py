@@ -19,6 +19,7 @@ import pytest
 from conftest import ROOT, assert_one_line_error, error_lines, make_run, run_script
 
 from keraslm import locks
+from keraslm.cli import message
 from keraslm.config import DataConfig, RunConfig
 from keraslm.errors import UsageError
 from keraslm.files import remove_stale_temporaries
@@ -217,8 +218,9 @@ def test_version_numbers_are_those_tf_serving_reads(tmp_path, exported):
     with pytest.raises(UsageError, match="2\\^63 - 1"):
         next_version(tmp_path)
     for version in (0, MAX_VERSION + 1):
-        with pytest.raises(UsageError, match="--version must be in"):
+        with pytest.raises(UsageError, match="^version must be in") as refused:
             export_run(str(run_dir), str(tmp_path), "lm", version=version)
+        assert message(refused.value).startswith("--version must be in")
 
 
 # Run directories

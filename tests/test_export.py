@@ -11,6 +11,7 @@ import tensorflow as tf
 import tf2onnx
 from conftest import error_lines, make_run, run_script
 
+from keraslm.cli import message
 from keraslm.errors import UsageError
 from keraslm.export import export_run
 from keraslm.export.signatures import ServingFunctions
@@ -156,8 +157,9 @@ def test_existing_version_is_never_overwritten(tmp_path):
     out = str(tmp_path / "models")
     export_run(str(run_dir), out=out, name="lm")
     stamp = os.path.getmtime(tmp_path / "models/lm/1/saved_model.pb")
-    with pytest.raises(UsageError, match="--overwrite"):
+    with pytest.raises(UsageError, match="pass overwrite to replace it or omit version") as refused:
         export_run(str(run_dir), out=out, name="lm", version=1)
+    assert "pass --overwrite to replace it or omit --version" in message(refused.value)
     assert os.path.getmtime(tmp_path / "models/lm/1/saved_model.pb") == stamp
     version_dir, _ = export_run(str(run_dir), out=out, name="lm")
     assert version_dir.endswith("/2")

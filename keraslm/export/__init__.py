@@ -23,7 +23,7 @@ import time
 import tensorflow as tf
 
 from keraslm import artifacts
-from keraslm.errors import UsageError, first_line
+from keraslm.errors import ArgumentError, UsageError, first_line
 from keraslm.export.checks import check_generate, check_parity
 from keraslm.export.int8 import check_int8, write_onnx_int8
 from keraslm.export.onnx import write_onnx
@@ -78,7 +78,7 @@ def _write_artifacts(tmp, base_dir, config, vocab, twin, limits):
         with open(os.path.join(extra, artifacts.DESCRIPTION), "w", encoding="utf-8") as f:
             json.dump(artifact_description(config, vocab, limits), f, ensure_ascii=False, indent=1)
     except (OSError, tf.errors.OpError) as e:  # TensorFlow's own file system reports OpErrors
-        raise UsageError(f"--out: cannot write the export in {base_dir} ({first_line(e)})") from None
+        raise ArgumentError.about("out", f"cannot write the export in {base_dir} ({first_line(e)})", ": ") from None
     return onnx_proto
 
 

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 
 from keraslm import locks
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
 from keraslm.files import RANDOM_PART, cannot_write, current_umask, exchange, rename_new
 from keraslm.versions import MAX_VERSION, versions
 
@@ -24,20 +24,26 @@ def next_version(base_dir):
     """One more than the largest version in base_dir (1 when there is none)."""
     number = max(versions(base_dir), default=0) + 1
     if number > MAX_VERSION:
-        raise UsageError(f"{base_dir} holds version 2^63 - 1, the largest TF Serving reads; give --version N")
+        raise ArgumentError(
+            "{path} holds version 2^63 - 1, the largest TF Serving reads; give {version} N", path=base_dir
+        )
     return number
 
 
 def check_version_number(version):
     """Refuse a --version TF Serving cannot read (None: the next number is taken)."""
     if version is not None and not 1 <= version <= MAX_VERSION:
-        raise UsageError(f"--version must be in [1, 2^63 - 1] (TF Serving reads 64-bit versions), got {version}")
+        raise ArgumentError.about(
+            "version", f"must be in [1, 2^63 - 1] (TF Serving reads 64-bit versions), got {version}"
+        )
 
 
 def refuse_existing_version(base_dir, version, overwrite):
     """Refuse, before any work, to replace a version without --overwrite (publish checks again)."""
     if version is not None and os.path.exists(os.path.join(base_dir, str(version))) and not overwrite:
-        raise UsageError(f"{base_dir}/{version} exists; pass --overwrite to replace it or omit --version")
+        raise ArgumentError(
+            "{path} exists; pass {overwrite} to replace it or omit {version}", path=f"{base_dir}/{version}"
+        )
 
 
 def open_workspace(base_dir, stack):
@@ -59,9 +65,11 @@ def open_workspace(base_dir, stack):
             os.chmod(tmp, 0o777 & ~current_umask())
             stack.enter_context(locks.held(tmp))
     except FileExistsError:
-        raise UsageError(f"--out: {base_dir} exists and is not a folder; give another --out or --name") from None
+        raise ArgumentError(
+            "{out}: {path} exists and is not a folder; give another {out} or {name}", path=base_dir
+        ) from None
     except OSError as e:
-        raise UsageError(f"--out: {cannot_write(base_dir, e)}") from None
+        raise ArgumentError.about("out", cannot_write(base_dir, e), ": ") from None
     # After publishing, the folder is gone, or holds the version --overwrite replaced.
     stack.callback(shutil.rmtree, tmp, ignore_errors=True)
     return tmp
@@ -85,18 +93,19 @@ def publish(tmp, base_dir, version, overwrite):
         return target
     except FileExistsError:
         if not overwrite:
-            raise UsageError(f"{target} exists; pass --overwrite to replace it") from None
+            raise ArgumentError("{path} exists; pass {overwrite} to replace it", path=target) from None
     if not os.path.isdir(target) or os.path.islink(target):
-        raise UsageError(f"{target} is not a version folder; remove it or choose another --version")
+        raise ArgumentError("{path} is not a version folder; remove it or choose another {version}", path=target)
     try:
         exchange(tmp, target)
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EINVAL):
-            raise UsageError(
-                f"--overwrite needs a file system that swaps two folders in one step (Linux renameat2), and"
-                f" {base_dir} is not on one; export to a new version instead"
+            raise ArgumentError(
+                "{overwrite} needs a file system that swaps two folders in one step (Linux renameat2), and"
+                " {path} is not on one; export to a new version instead",
+                path=base_dir,
             ) from None
-        raise UsageError(f"--overwrite: {cannot_write(target, e)}") from None
+        raise ArgumentError.about("overwrite", cannot_write(target, e), ": ") from None
     return target
 
 
