@@ -7,7 +7,17 @@ import sys
 
 from keraslm import artifacts
 from keraslm.cli import ArgumentParser, run_main
-from keraslm.config import CELLS, DEFAULT_LEVEL, INITS, KERNELS, LEVEL_DEFAULTS, LEVELS, OPTIMIZERS, RunConfig
+from keraslm.config import (
+    CELLS,
+    DEFAULT_LEVEL,
+    INITS,
+    KERNELS,
+    LEVEL_DEFAULTS,
+    LEVELS,
+    OPTIMIZERS,
+    STRATEGIES,
+    RunConfig,
+)
 from keraslm.errors import UsageError
 
 # Flags that are not part of RunConfig.
@@ -112,8 +122,8 @@ def build_parser():
     run.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its checkpoint")
     run.add_argument(
         "--strategy",
-        choices=("default", "mirrored", "multi-worker"),
-        default="default",
+        choices=STRATEGIES,
+        default=STRATEGIES[0],
         help="tf.distribute: one device (default), every local GPU (MirroredStrategy), or every device of the "
         "workers in TF_CONFIG (MultiWorkerMirroredStrategy; run train.py on each worker)",
     )

@@ -19,6 +19,7 @@ DEFAULT_LEVEL = "char"
 OPTIMIZERS = ("sgd", "adam", "adamw")
 INITS = ("keras", "torch")
 KERNELS = ("keraslm", "keras")  # keraslm.keras_compat
+STRATEGIES = ("default", "mirrored", "multi-worker")  # keraslm.distribute
 # The largest model keraslm builds: 2^31 parameters are 8 GiB of float32 weights, and training
 # needs about four times that (gradients and Adam's two slots) before any activation. A larger
 # setting is a typo, or a damaged config.json, and would only end in an out-of-memory crash.

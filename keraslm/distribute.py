@@ -11,10 +11,9 @@ import os
 import keras
 import tensorflow as tf
 
+from keraslm.config import STRATEGIES
 from keraslm.errors import ArgumentError, UsageError
 from keraslm.keras_compat import ClipAcrossReplicas
-
-STRATEGIES = ("default", "mirrored", "multi-worker")
 
 
 def make_strategy(name, device=None):
