@@ -25,6 +25,7 @@ import inspect
 import keras
 import tensorflow as tf
 
+from keraslm import cells
 from keraslm.errors import ArgumentError, UsageError
 
 try:
@@ -238,14 +239,26 @@ class WindowKernel:
             and not tf.config.list_logical_devices("GPU")
         )
 
+    def _cell_is_covered(self):
+        """The cell is one keraslm.cells lays out (so the kernels compute it): same Keras layer,
+        activations and reset_after; Keras' other options (hard_sigmoid gates, reset_after=False …) are not."""
+        cell = self.cell
+        recurrent = getattr(cell, "recurrent_activation", None)
+        layout = (
+            keras.activations.serialize(cell.activation),
+            recurrent and keras.activations.serialize(recurrent),
+            getattr(cell, "reset_after", False),
+        )
+        return any(
+            isinstance(self, getattr(keras.layers, spec.keras_layer))
+            and layout == (spec.activation, spec.recurrent_activation, spec.reset_after)
+            for spec in cells.CELLS.values()
+        )
+
 
 @keras.saving.register_keras_serializable(package="keraslm")
 class StatefulLSTM(PerReplicaState, WindowKernel, keras.layers.LSTM):
     """keras.layers.LSTM carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
-
-    def _cell_is_covered(self):
-        cell = self.cell
-        return cell.activation is keras.activations.tanh and cell.recurrent_activation is keras.activations.sigmoid
 
     def _window_kernel(self, sequences, initial_state):
         from keraslm.recurrence import lstm_sequence
@@ -259,14 +272,6 @@ class StatefulLSTM(PerReplicaState, WindowKernel, keras.layers.LSTM):
 class StatefulGRU(PerReplicaState, WindowKernel, keras.layers.GRU):
     """keras.layers.GRU carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
 
-    def _cell_is_covered(self):
-        cell = self.cell
-        return (
-            cell.reset_after
-            and cell.activation is keras.activations.tanh
-            and cell.recurrent_activation is keras.activations.sigmoid
-        )
-
     def _window_kernel(self, sequences, initial_state):
         from keraslm.recurrence import gru_sequence
 
@@ -279,14 +284,11 @@ class StatefulGRU(PerReplicaState, WindowKernel, keras.layers.GRU):
 class StatefulSimpleRNN(PerReplicaState, WindowKernel, keras.layers.SimpleRNN):
     """keras.layers.SimpleRNN carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
 
-    def _cell_is_covered(self):
-        return self.cell.activation in (keras.activations.tanh, keras.activations.relu)
-
     def _window_kernel(self, sequences, initial_state):
         from keraslm.recurrence import rnn_sequence
 
         cell = self.cell
-        activation = "tanh" if cell.activation is keras.activations.tanh else "relu"
+        activation = keras.activations.serialize(cell.activation)  # "tanh" or "relu": _cell_is_covered
         outputs, h = rnn_sequence(
             sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias, activation
         )

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_run
 
 from keraslm import keras_compat
-from keraslm.config import RunConfig
+from keraslm.config import CELLS, ModelConfig, RunConfig
 from keraslm.errors import UsageError
 from keraslm.export import export_run
 from keraslm.keras_compat import check, choose_kernels
@@ -110,3 +110,16 @@ def test_stock_kernels_train_as_keraslm_does_then_resume_and_export(tmp_path):
 
     _, report = export_run(str(run_dir), out=str(tmp_path / "models"), name="lm")
     assert max(report["parity"].values()) <= 1e-4
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_window_kernels_cover_every_cell_keraslm_builds(cell):
+    """Each cell the model builds takes the fast window kernels (a miss would only be slower: the
+    gradient tests could not see it); a layout keraslm.cells does not describe keeps Keras' path."""
+    from keraslm.keras_compat import StatefulGRU, StatefulLSTM
+    from keraslm.model import build_training_model
+
+    config = ModelConfig(vocabulary_size=7, cell=cell, num_layers=1, embedding_dim=4, hidden_dim=3)
+    assert build_training_model(config, batch_size=2).get_layer("rnn_0")._cell_is_covered()
+    assert not StatefulGRU(3, stateful=True, reset_after=False)._cell_is_covered()
+    assert not StatefulLSTM(3, stateful=True, recurrent_activation="hard_sigmoid")._cell_is_covered()
