@@ -142,7 +142,7 @@ class EpochRecorder(keras.callbacks.Callback):
     ran with, and it travels inside the checkpoint.
 
     Args:
-        run: the `training.Run` being trained.
+        run: the `checkpoint.Run` being trained.
     """
 
     def __init__(self, run):
@@ -182,7 +182,7 @@ class BestModelSaver(keras.callbacks.Callback):
     (stateful, with optimizer) in place; model.keras is the stateless twin, written atomically.
 
     Args:
-        run: the `training.Run` being trained.
+        run: the `checkpoint.Run` being trained.
     """
 
     def __init__(self, run):
@@ -209,7 +209,7 @@ class LearningRateAnnealer(keras.callbacks.ReduceLROnPlateau):
     best loss at the start of fit, where a resumed run takes it from the checkpoint.
 
     Args:
-        run: the `training.Run` being trained.
+        run: the `checkpoint.Run` being trained.
         anneal_factor: greater than 1.
     """
 
@@ -235,7 +235,7 @@ class EarlyStopper(keras.callbacks.EarlyStopping):
     of fit, where a resumed run takes them from the checkpoint.
 
     Args:
-        run: the `training.Run` being trained.
+        run: the `checkpoint.Run` being trained.
         patience: at least 1.
     """
 
@@ -262,7 +262,7 @@ class Checkpointer(keras.callbacks.Callback):
     state and the run's bookkeeping that an exact resume needs.
 
     Args:
-        run: the `training.Run` being trained.
+        run: the `checkpoint.Run` being trained.
         save_checkpoint: called with the run; writes the checkpoint atomically.
     """
 
@@ -283,7 +283,7 @@ class HistoryWriter(keras.callbacks.Callback):
     ahead of the checkpoint; these files are rewritten atomically, after the checkpoint.
 
     Args:
-        run: the `training.Run` being trained.
+        run: the `checkpoint.Run` being trained.
     """
 
     def __init__(self, run):
@@ -302,7 +302,7 @@ class EpochReport(keras.callbacks.Callback):
     """Print one line of the epoch's figures and what became of model.keras or the learning rate.
 
     Args:
-        run: the `training.Run` being trained.
+        run: the `checkpoint.Run` being trained.
     """
 
     def __init__(self, run):
@@ -330,7 +330,7 @@ class Sampler(keras.callbacks.Callback):
     """Print a short temperature-sampled continuation of the configured prompt after every epoch.
 
     Args:
-        run: the `training.Run` being trained; its `sample_tokens` is more than 0.
+        run: the `checkpoint.Run` being trained; its `sample_tokens` is more than 0.
     """
 
     def __init__(self, run):
