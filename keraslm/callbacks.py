@@ -1,4 +1,4 @@
-"""The callbacks of a training run, one job each, in the order training.run_callbacks lists them.
+"""The callbacks of a training run, one job each, in the order training.make_callbacks lists them.
 
 Keras' own are used where they do exactly what a run needs: ProgbarLogger, TensorBoard, and
 (subclassed only to resume their counters from the checkpoint) ReduceLROnPlateau and
