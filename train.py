@@ -6,7 +6,7 @@ import os
 import sys
 
 from keraslm import artifacts
-from keraslm.cli import ArgumentParser, run_main
+from keraslm.cli import ArgumentParser, interrupted, run_main
 from keraslm.config import (
     CELLS,
     DEFAULT_LEVEL,
@@ -199,7 +199,15 @@ def main(argv=None):
     from keraslm.training import Interrupted, train  # TensorFlow loads here, after the checks
 
     try:
-        train(config, run_dir, resume=args.resume, dry_run=args.dry_run, verbose=verbose, strategy=args.strategy)
+        train(
+            config,
+            run_dir,
+            resume=args.resume,
+            dry_run=args.dry_run,
+            verbose=verbose,
+            strategy=args.strategy,
+            should_stop=interrupted,  # a signal swallowed in a finalizer still stops training
+        )
     except Interrupted as e:
         raise KeyboardInterrupt(str(e)) from None
 

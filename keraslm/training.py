@@ -16,160 +16,24 @@ import math
 import os
 import shutil
 import tempfile
-import zipfile
 
 import keras
 
 from keraslm import artifacts, distribute, history, keras_compat, loop
 from keraslm import callbacks as run_callbacks
+from keraslm.checkpoint import Run, load_checkpoint, save_checkpoint
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
-from keraslm.errors import UsageError, first_line
-from keraslm.files import atomic_path, remove_stale_temporaries, write_text_atomic
+from keraslm.errors import UsageError
+from keraslm.files import remove_stale_temporaries, write_text_atomic
 from keraslm.locks import locked_directory
 from keraslm.losses import SparseCrossEntropy
-from keraslm.model import build_step_model, build_training_model, reset_states
-from keraslm.runs import archive_problem
+from keraslm.model import build_training_model, reset_states
 from keraslm.vocab import Vocabulary
-
-# Every file the run directory holds; only their temporaries count as stale after a kill -9.
-# The run's bookkeeping travels inside the checkpoint's zip, so weights, optimizer state and
-# epoch are replaced together by one rename and can never disagree.
 
 
 class Interrupted(Exception):
     """Training stopped by Ctrl-C or SIGTERM; the last checkpoint is intact."""
-
-
-class Run:
-    """A run directory and the bookkeeping that a checkpoint carries.
-
-    Args:
-        run_dir: the directory.
-        config: its `RunConfig`.
-        vocab: its `Vocabulary`.
-    """
-
-    def __init__(self, run_dir, config, vocab):
-        self.run_dir = run_dir
-        self.config = config
-        self.vocab = vocab
-        self.twin = build_step_model(config.model)  # stateless: saved as model.keras, samples
-        self.epoch = 0
-        self.history = []
-        self.best_val_loss = math.inf
-        self.best_epoch = 0
-        self.wait = 0
-        self.checkpoint_epoch = 0  # the epoch the checkpoint on disk holds
-
-    def path(self, name):
-        """Path of a file in the run directory."""
-        return os.path.join(self.run_dir, name)
-
-    @property
-    def title(self):
-        """A one-line description for plots."""
-        m = self.config.model
-        return f"{self.config.data.source} · {m.num_layers}×{m.hidden_dim} {m.cell.upper()} · {self.vocab.level}"
-
-    def save_best_model(self):
-        """Write the twin (current weights, no optimizer) as model.keras, atomically."""
-        with atomic_path(self.path(artifacts.BEST_MODEL)) as tmp:
-            self.twin.save(tmp)
-
-    def state(self):
-        """The bookkeeping as a JSON-ready dict."""
-        return {
-            "epoch": self.epoch,
-            "history": self.history,
-            "best_val_loss": self.best_val_loss,
-            "best_epoch": self.best_epoch,
-            "wait": self.wait,
-            "config": self.config.to_dict(),
-            "vocabulary_sha256": self.vocab.sha256(),
-        }
-
-    def restore(self, state):
-        """Inverse of `state()`."""
-        self.epoch = state["epoch"]
-        self.history = state["history"]
-        self.best_val_loss = state["best_val_loss"]
-        self.best_epoch = state["best_epoch"]
-        self.wait = state["wait"]
-
-
-def seed_states(model):
-    """The dropout layers' random-number states, which model.save leaves out.
-
-    Restoring them makes a resumed run draw the same dropout masks as one never stopped.
-    """
-    return [v for v in model.variables if v.path.endswith("seed_generator_state")]
-
-
-def save_checkpoint(run, model):
-    """Weights, optimizer state (learning rate included), RNG state and bookkeeping, in one atomic file."""
-    state = {**run.state(), "seed_states": [v.numpy().tolist() for v in seed_states(model)]}
-    with atomic_path(run.path(artifacts.CHECKPOINT)) as tmp:
-        model.save(tmp)
-        with zipfile.ZipFile(tmp, "a") as archive:
-            archive.writestr(artifacts.CHECKPOINT_STATE, json.dumps(state))
-    run.checkpoint_epoch = run.epoch
-
-
-def load_checkpoint(run, model):
-    """Restore `model` (compiled) and `run` from the run directory's checkpoint.
-
-    The archive's CRCs and the bookkeeping's keys and types are checked before any of it is
-    used, so a damaged checkpoint is one UsageError naming it, never a Keras or h5py traceback.
-    """
-    path = run.path(artifacts.CHECKPOINT)
-
-    def damaged(reason):
-        return UsageError(f"--resume: {path} is damaged ({reason}); start a new run")
-
-    if not os.path.exists(path):
-        raise UsageError(f"--resume: no checkpoint in {run.run_dir}; start a new run without --resume")
-    problem = archive_problem(path)
-    if problem:
-        raise damaged(problem)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            state = json.loads(archive.read(artifacts.CHECKPOINT_STATE))
-    except KeyError:
-        raise damaged(f"no {artifacts.CHECKPOINT_STATE}") from None
-    except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, too deep
-        raise damaged(f"{artifacts.CHECKPOINT_STATE}: {first_line(e)}") from None
-    # What save_checkpoint writes, by JSON type; counts are never negative, and true is no number.
-    kinds = {"epoch": int, "best_epoch": int, "wait": int, "best_val_loss": (int, float), "history": list}
-    kinds |= {"config": dict, "vocabulary_sha256": str, "seed_states": list}
-    if not isinstance(state, dict):
-        raise damaged(f"{artifacts.CHECKPOINT_STATE} is not a JSON object")
-    for key, kind in kinds.items():
-        value = state.get(key)
-        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
-            raise damaged(f"{artifacts.CHECKPOINT_STATE}: {key} is missing or not of the right type")
-    if not all(isinstance(row, dict) for row in state["history"]):
-        raise damaged(f"{artifacts.CHECKPOINT_STATE}: history holds something other than per-epoch objects")
-    try:
-        saved = RunConfig.from_dict(state["config"])
-    except UsageError as e:
-        raise damaged(f"{artifacts.CHECKPOINT_STATE}: config: {e}") from None
-    saved.train.epochs = run.config.train.epochs  # only the epoch count may change on resume
-    if saved != run.config:
-        raise UsageError(f"--resume: {path} was written with another configuration; start a new run")
-    if state["vocabulary_sha256"] != run.vocab.sha256():
-        raise UsageError(f"--resume: {path} was written with another vocabulary than vocab.json; start a new run")
-    variables = seed_states(model)
-    if len(state["seed_states"]) != len(variables):
-        raise damaged(f"{artifacts.CHECKPOINT_STATE}: seed_states does not match the model's dropout layers")
-    try:
-        model.load_weights(path)
-        for variable, value in zip(variables, state["seed_states"], strict=True):
-            variable.assign(value)
-    except Exception as e:  # intact zip, wrong content: Keras and h5py raise ValueError, KeyError, OSError …
-        raise damaged(first_line(e)) from None
-    run.restore(state)
-    run.checkpoint_epoch = run.epoch
 
 
 def bfloat16_is_native():
@@ -223,7 +87,7 @@ def encode_splits(splits, vocab):
     return ids
 
 
-def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, strategy="default"):
+def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, strategy="default", should_stop=None):
     """Train (or resume) a run and evaluate its best model on the test split.
 
     Args:
@@ -234,6 +98,8 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
         verbose: Keras' fit verbosity (1 = progress bar, 2 = a line per epoch).
         strategy: "default", "mirrored" or "multi-worker" (tf.distribute); checkpoints move freely
             between them. Under multi-worker only worker 0 writes run_dir.
+        should_stop: a function of no arguments, polled after every batch; once it returns true,
+            training stops as at Ctrl-C (the command line passes "a signal has arrived").
 
     Returns:
         The dict written to results.json.
@@ -252,7 +118,16 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
     previous_policy = keras.mixed_precision.global_policy()
     try:
         with writable_run_dir(run_dir, strategy, resume) as work_dir:
-            return _train(config, work_dir, resume, dry_run, verbose, strategy, run_dir)
+            return _train(
+                config,
+                work_dir,
+                strategy,
+                resume=resume,
+                dry_run=dry_run,
+                verbose=verbose,
+                shown_run_dir=run_dir,
+                should_stop=should_stop or (lambda: False),
+            )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)  # --mixed-precision is per run
 
@@ -284,11 +159,32 @@ def writable_run_dir(run_dir, strategy, resume):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
-    train_config = config.train
-    keras.utils.set_random_seed(train_config.seed)
-    replica_batch_size = distribute.per_replica_batch_size(strategy, train_config.batch_size)
-    if train_config.mixed_precision is None:  # auto; config.json records what it became
+def _train(config, run_dir, strategy, *, resume, dry_run, verbose, shown_run_dir, should_stop):
+    # The steps of train(), in order; shown_run_dir is run_dir as the user named it (see writable_run_dir).
+    keras.utils.set_random_seed(config.train.seed)
+    replica_batch_size = distribute.per_replica_batch_size(strategy, config.train.batch_size)  # may refuse: early
+    set_precision_policy(config.train)
+    splits = load_corpus(config.data)
+    vocab = load_or_build_vocabulary(config, splits, run_dir, resume)
+    ids = encode_splits(splits, vocab)
+    datasets = make_datasets(ids, config.train, dry_run)
+    remove_stale_temporaries(run_dir, artifacts.RUN_FILES)
+    run = Run(run_dir, config, vocab)
+    model = compile_model(config, strategy, replica_batch_size)
+    start_or_resume(run, model, resume)
+    print(describe(run, ids, model))
+    guard = run_callbacks.DivergenceGuard()
+    callbacks = make_callbacks(run, model, guard, should_stop)
+    fit(run, model, datasets, callbacks, verbose, shown_run_dir)
+    if guard.diverged:
+        raise UsageError("training diverged (NaN or infinite loss); lower --lr or --clipnorm and start again")
+    return evaluate_best(run, model, datasets["test"], verbose)
+
+
+def set_precision_policy(train_config):
+    """Keras' global dtype policy for --mixed-precision; auto (None) becomes what the machine runs
+    fastest, which config.json then records."""
+    if train_config.mixed_precision is None:
         train_config.mixed_precision = bfloat16_is_native()
     if train_config.mixed_precision:
         import tensorflow as tf
@@ -298,14 +194,20 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
             "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
         )
 
-    splits = load_corpus(config.data)
+
+def load_or_build_vocabulary(config, splits, run_dir, resume):
+    """The run's vocab.json on resume, else a new one from the training split; sizes the model by it."""
     if resume:
         vocab = Vocabulary.load(os.path.join(run_dir, artifacts.VOCAB))
     else:
         vocab = Vocabulary.build(splits["train"], config.data.level, config.data.min_freq, config.data.max_vocab)
     config.model.vocabulary_size = len(vocab)
     config.model.validate()  # again, now that the vocabulary sizes the embedding and the output
-    ids = encode_splits(splits, vocab)
+    return vocab
+
+
+def make_datasets(ids, train_config, dry_run):
+    """TBPTT window datasets of every split; two windows each under --dry-run."""
     datasets = {}
     for name, stream in ids.items():
         try:
@@ -314,54 +216,85 @@ def _train(config, run_dir, resume, dry_run, verbose, strategy, shown_run_dir):
             raise e.within(f"{name} split") from None
         if dry_run:
             datasets[name] = datasets[name].take(2)
+    return datasets
 
-    remove_stale_temporaries(run_dir, artifacts.RUN_FILES)
-    run = Run(run_dir, config, vocab)
+
+def compile_model(config, strategy, replica_batch_size):
+    """The stateful training model, compiled, its optimizer built, under the strategy's scope."""
     with strategy.scope():
         # Each replica's layers carry the state of its own batch_size / replicas columns.
         model = build_training_model(config.model, batch_size=replica_batch_size, kernels=train_config.kernels)
         model.compile(
-            optimizer=make_optimizer(train_config),
+            optimizer=make_optimizer(config.train),
             loss=SparseCrossEntropy(),  # Keras' sparse cross-entropy, 2-5× faster on a CPU (losses.py)
-            jit_compile=train_config.jit_compile,
+            jit_compile=config.train.jit_compile,
         )
         # Build the optimizer's slots now, so that even the epoch-0 checkpoint holds all of them.
         model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def start_or_resume(run, model, resume):
+    """Resume `run` and `model` from the checkpoint, or write a new run's config, vocabulary and
+    epoch-0 checkpoint."""
     if resume:
         load_checkpoint(run, model)
-        print(f"resuming {run_dir} after epoch {run.epoch} (lr {run_callbacks.learning_rate(model):g})")
+        print(f"resuming {run.run_dir} after epoch {run.epoch} (lr {run_callbacks.learning_rate(model):g})")
     else:
-        config.save(run.path(artifacts.CONFIG))
-        vocab.save(run.path(artifacts.VOCAB))
+        run.config.save(run.path(artifacts.CONFIG))
+        run.vocab.save(run.path(artifacts.VOCAB))
         save_checkpoint(run, model)
 
-    tokens = {name: len(stream) for name, stream in ids.items()}
-    print(
-        f"run {run_dir}: vocabulary {len(vocab)} ({vocab.level}), tokens train/valid/test "
-        f"{tokens['train']:,}/{tokens['valid']:,}/{tokens['test']:,}, {model.count_params():,} parameters"
+
+def describe(run, ids, model):
+    """One line: the run directory, vocabulary, tokens per split and parameter count."""
+    tokens = "/".join(f"{len(ids[name]):,}" for name in ("train", "valid", "test"))
+    return (
+        f"run {run.run_dir}: vocabulary {len(run.vocab)} ({run.vocab.level}), tokens train/valid/test "
+        f"{tokens}, {model.count_params():,} parameters"
     )
 
-    recorder = run_callbacks.RunRecorder(run, lambda r: save_checkpoint(r, model))
+
+def make_callbacks(run, model, guard, should_stop):
+    """The run's callbacks, in the order their effects must come (see keraslm/callbacks.py)."""
+    train_config = run.config.train
     callbacks = [
-        run_callbacks.InterruptCheck(),
+        run_callbacks.InterruptCheck(should_stop),
         run_callbacks.StateResetter(),
-        run_callbacks.PerplexityLogger(char_level=vocab.level == "char"),
-        # Our own progress bar, so that the recorder's report prints after its last line.
+        run_callbacks.PerplexityLogger(char_level=run.vocab.level == "char"),
+        # Our own progress bar, so that the epoch's report prints after its last line.
         keras.callbacks.ProgbarLogger(),
-        recorder,
-        keras.callbacks.TensorBoard(run.path(artifacts.TENSORBOARD), write_graph=False),
+        guard,
+        run_callbacks.EpochRecorder(run),
+        run_callbacks.BestModelSaver(run),
     ]
-    if run.epoch < train_config.epochs:
-        try:
-            loop.fit(model, datasets["train"], datasets["valid"], train_config.epochs, run.epoch, callbacks, verbose)
-        except KeyboardInterrupt:
-            raise Interrupted(
-                f"interrupted; {os.path.join(shown_run_dir, artifacts.CHECKPOINT)} holds epoch {run.checkpoint_epoch}: "
-                f"continue with python train.py --resume --run-dir {shown_run_dir}"
-            ) from None
-    if recorder.diverged:
-        raise UsageError("training diverged (NaN or infinite loss); lower --lr or --clipnorm and start again")
-    return evaluate_best(run, model, datasets["test"], verbose)
+    if train_config.anneal_factor > 1:  # 1 = off
+        callbacks.append(run_callbacks.LearningRateAnnealer(run, train_config.anneal_factor))
+    if train_config.early_stopping:  # 0 = off
+        callbacks.append(run_callbacks.EarlyStopper(run, train_config.early_stopping))
+    # Checkpoint first: history.csv never runs ahead of what --resume can continue from.
+    callbacks += [
+        run_callbacks.Checkpointer(run, lambda r: save_checkpoint(r, model)),
+        run_callbacks.HistoryWriter(run),
+        run_callbacks.EpochReport(run),
+    ]
+    if train_config.sample_tokens:
+        callbacks.append(run_callbacks.Sampler(run))
+    callbacks.append(keras.callbacks.TensorBoard(run.path(artifacts.TENSORBOARD), write_graph=False))
+    return callbacks
+
+
+def fit(run, model, datasets, callbacks, verbose, shown_run_dir):
+    """Train from the run's epoch to the configured count; Ctrl-C becomes `Interrupted`."""
+    if run.epoch >= run.config.train.epochs:
+        return
+    try:
+        loop.fit(model, datasets["train"], datasets["valid"], run.config.train.epochs, run.epoch, callbacks, verbose)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; {os.path.join(shown_run_dir, artifacts.CHECKPOINT)} holds epoch {run.checkpoint_epoch}: "
+            f"continue with python train.py --resume --run-dir {shown_run_dir}"
+        ) from None
 
 
 def evaluate_best(run, model, test_dataset, verbose):

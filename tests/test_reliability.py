@@ -328,7 +328,7 @@ def test_an_interrupt_lost_in_a_finalizer_is_raised_again_at_the_next_batch(monk
     from keraslm import callbacks, cli
 
     monkeypatch.setattr(cli, "_interrupted", False)  # restored after the test
-    check = callbacks.InterruptCheck()
+    check = callbacks.InterruptCheck(cli.interrupted)  # what train.py passes to training.train
     check.on_train_batch_end(0)  # no signal yet: nothing happens
     with pytest.raises(KeyboardInterrupt):
         cli._interrupt(signal.SIGINT, None)  # the handler run_main installs
