@@ -223,7 +223,7 @@ def compile_model(config, strategy, replica_batch_size):
     """The stateful training model, compiled, its optimizer built, under the strategy's scope."""
     with strategy.scope():
         # Each replica's layers carry the state of its own batch_size / replicas columns.
-        model = build_training_model(config.model, batch_size=replica_batch_size, kernels=train_config.kernels)
+        model = build_training_model(config.model, batch_size=replica_batch_size, kernels=config.train.kernels)
         model.compile(
             optimizer=make_optimizer(config.train),
             loss=SparseCrossEntropy(),  # Keras' sparse cross-entropy, 2-5× faster on a CPU (losses.py)
