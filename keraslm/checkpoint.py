@@ -13,7 +13,7 @@ import zipfile
 
 from keraslm import artifacts
 from keraslm.config import RunConfig
-from keraslm.errors import UsageError, first_line
+from keraslm.errors import ArgumentError, UsageError, first_line
 from keraslm.files import atomic_path
 from keraslm.model import build_step_model
 from keraslm.runs import archive_problem
@@ -95,7 +95,7 @@ def save_checkpoint(run, model):
 
 
 def _damaged(path, reason):
-    return UsageError(f"--resume: {path} is damaged ({reason}); start a new run")
+    return ArgumentError("{resume}: {path} is damaged ({reason}); start a new run", path=path, reason=reason)
 
 
 def read_checkpoint_state(path):
@@ -143,14 +143,16 @@ def load_checkpoint(run, model):
     """
     path = run.path(artifacts.CHECKPOINT)
     if not os.path.exists(path):
-        raise UsageError(f"--resume: no checkpoint in {run.run_dir}; start a new run without --resume")
+        raise ArgumentError("{resume}: no checkpoint in {path}; start a new run without {resume}", path=run.run_dir)
     state = read_checkpoint_state(path)
     saved = state["config"]
     saved.train.epochs = run.config.train.epochs  # only the epoch count may change on resume
     if saved != run.config:
-        raise UsageError(f"--resume: {path} was written with another configuration; start a new run")
+        raise ArgumentError("{resume}: {path} was written with another configuration; start a new run", path=path)
     if state["vocabulary_sha256"] != run.vocab.sha256():
-        raise UsageError(f"--resume: {path} was written with another vocabulary than vocab.json; start a new run")
+        raise ArgumentError(
+            "{resume}: {path} was written with another vocabulary than vocab.json; start a new run", path=path
+        )
     variables = seed_states(model)
     if len(state["seed_states"]) != len(variables):
         raise _damaged(path, f"{artifacts.CHECKPOINT_STATE}: seed_states does not match the model's dropout layers")

@@ -24,7 +24,7 @@ from keraslm import callbacks as run_callbacks
 from keraslm.checkpoint import Run, load_checkpoint, save_checkpoint
 from keraslm.config import RunConfig
 from keraslm.data import load_corpus, tbptt_dataset
-from keraslm.errors import UsageError
+from keraslm.errors import ArgumentError, UsageError
 from keraslm.files import remove_stale_temporaries, write_text_atomic
 from keraslm.locks import locked_directory
 from keraslm.losses import SparseCrossEntropy
@@ -110,11 +110,11 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
     """
     config.validate()
     if resume and not os.path.exists(os.path.join(run_dir, artifacts.CHECKPOINT)):  # on every worker, before any work
-        raise UsageError(f"--resume: no checkpoint in {run_dir}; start a new run without --resume")
+        raise ArgumentError("{resume}: no checkpoint in {path}; start a new run without {resume}", path=run_dir)
     strategy = distribute.make_strategy(strategy)
     config.train.kernels = keras_compat.choose_kernels(config.train.kernels, strategy.num_replicas_in_sync, resume)
     if config.train.jit_compile and distribute.is_multi_worker(strategy):
-        raise UsageError("--jit-compile does not combine with --strategy multi-worker; leave one out")
+        raise ArgumentError("{jit_compile} does not combine with {strategy} multi-worker; leave one out")
     previous_policy = keras.mixed_precision.global_policy()
     try:
         with writable_run_dir(run_dir, strategy, resume) as work_dir:
@@ -144,8 +144,8 @@ def writable_run_dir(run_dir, strategy, resume):
         with locked_directory(run_dir):
             # Checked again under the lock: two trainings started together both pass train.py's check.
             if not resume and os.path.exists(os.path.join(run_dir, artifacts.CONFIG)):
-                raise UsageError(
-                    f"{run_dir} already holds a run; add --resume to continue it or choose another --run-dir"
+                raise ArgumentError(
+                    "{path} already holds a run; add {resume} to continue it or choose another {run_dir}", path=run_dir
                 )
             yield run_dir
         return
@@ -177,7 +177,7 @@ def _train(config, run_dir, strategy, *, resume, dry_run, verbose, shown_run_dir
     callbacks = make_callbacks(run, model, guard, should_stop)
     fit(run, model, datasets, callbacks, verbose, shown_run_dir)
     if guard.diverged:
-        raise UsageError("training diverged (NaN or infinite loss); lower --lr or --clipnorm and start again")
+        raise ArgumentError("training diverged (NaN or infinite loss); lower {lr} or {clipnorm} and start again")
     return evaluate_best(run, model, datasets["test"], verbose)
 
 
