@@ -11,6 +11,7 @@ import typing
 
 from keraslm import cells
 from keraslm.errors import ArgumentError, UsageError, first_line
+from keraslm.files import write_text_atomic
 from keraslm.sampling import check_temperature
 
 CELLS = tuple(cells.CELLS)
@@ -271,8 +272,6 @@ class RunConfig:
 
     def save(self, path):
         """Write config.json atomically."""
-        from keraslm.files import write_text_atomic
-
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod

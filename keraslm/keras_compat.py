@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from keraslm import cells
 from keraslm.errors import ArgumentError, UsageError
+from keraslm.recurrence import gru_sequence, lstm_sequence, rnn_sequence
 
 try:
     from keras.src.utils.tracking import no_automatic_dependency_tracking
@@ -261,8 +262,6 @@ class StatefulLSTM(PerReplicaState, WindowKernel, keras.layers.LSTM):
     """keras.layers.LSTM carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
 
     def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import lstm_sequence
-
         cell = self.cell
         outputs, h, c = lstm_sequence(sequences, *initial_state, cell.kernel, cell.recurrent_kernel, cell.bias)
         return outputs[:, -1], outputs, [h, c]
@@ -273,8 +272,6 @@ class StatefulGRU(PerReplicaState, WindowKernel, keras.layers.GRU):
     """keras.layers.GRU carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
 
     def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import gru_sequence
-
         cell = self.cell
         outputs, h = gru_sequence(sequences, initial_state[0], cell.kernel, cell.recurrent_kernel, cell.bias)
         return outputs[:, -1], outputs, [h]
@@ -285,8 +282,6 @@ class StatefulSimpleRNN(PerReplicaState, WindowKernel, keras.layers.SimpleRNN):
     """keras.layers.SimpleRNN carrying per-replica state (see PerReplicaState), WindowKernel on a CPU."""
 
     def _window_kernel(self, sequences, initial_state):
-        from keraslm.recurrence import rnn_sequence
-
         cell = self.cell
         activation = keras.activations.serialize(cell.activation)  # "tanh" or "relu": _cell_is_covered
         outputs, h = rnn_sequence(

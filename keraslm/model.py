@@ -12,11 +12,13 @@ twin's own layers with a mask input and only the states out, to prime prompts of
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 from keraslm import cells
 from keraslm.config import ModelConfig
 from keraslm.keras_compat import StatefulGRU, StatefulLSTM, StatefulSimpleRNN
+from keraslm.projection import bfloat16_projection
 from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
 
 # The names of the layers that hold weights: checkpoints, model.keras and the ONNX export find
@@ -114,8 +116,6 @@ class Projection(keras.layers.Dense):
 
     def call(self, inputs, training=None):
         if self.compute_dtype == "bfloat16" and keras.backend.backend() == "tensorflow":
-            from keraslm.projection import bfloat16_projection
-
             return bfloat16_projection(inputs, self.kernel, self.bias)
         return ops.cast(super().call(inputs), "float32")
 
@@ -376,8 +376,6 @@ def keras_step(twin, model_config, batch_size):
 
     The state is the dict of `{name}_in` arrays; each call's `{name}_out` become the next inputs.
     """
-
-    import tensorflow as tf
 
     # One traced graph per input shape instead of an eager call per token: ~10× faster per step.
     call = tf.function(lambda inputs: twin(inputs, training=False), reduce_retracing=True)

@@ -18,6 +18,7 @@ import shutil
 import tempfile
 
 import keras
+import tensorflow as tf
 
 from keraslm import artifacts, distribute, history, keras_compat, loop
 from keraslm import callbacks as run_callbacks
@@ -41,8 +42,6 @@ def bfloat16_is_native():
     later): there bfloat16 matmuls run about 4× faster than float32, and mixed precision trains
     the benchmark configs 1.3-1.9× faster at about the same validation loss (benchmarks/RESULTS.md).
     Without AMX, bfloat16 is emulated or narrower and not known to win, so float32 stays."""
-    import tensorflow as tf
-
     if tf.config.list_physical_devices("GPU"):
         return False
     try:
@@ -187,8 +186,6 @@ def set_precision_policy(train_config):
     if train_config.mixed_precision is None:
         train_config.mixed_precision = bfloat16_is_native()
     if train_config.mixed_precision:
-        import tensorflow as tf
-
         # float16 with loss scaling where a GPU runs it; bfloat16 is the CPU's fast half type.
         keras.mixed_precision.set_global_policy(
             "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"

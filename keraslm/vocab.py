@@ -4,11 +4,13 @@ No TensorFlow here: the inference side uses this module where TensorFlow is abse
 """
 
 import collections
+import hashlib
 import json
 
 import numpy as np
 
 from keraslm.errors import ArgumentError, UsageError
+from keraslm.files import write_text_atomic
 
 UNK = "<unk>"
 EOS = "<eos>"
@@ -125,8 +127,6 @@ class Vocabulary:
 
     def sha256(self):
         """A fingerprint of level and tokens, to tell whether two vocabularies are the same."""
-        import hashlib
-
         return hashlib.sha256(json.dumps([self.level, self.tokens]).encode()).hexdigest()
 
     def to_dict(self):
@@ -148,8 +148,6 @@ class Vocabulary:
 
     def save(self, path):
         """Write vocab.json atomically."""
-        from keraslm.files import write_text_atomic
-
         write_text_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False, indent=1) + "\n")
 
     @classmethod
