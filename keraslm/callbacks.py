@@ -135,7 +135,28 @@ class DivergenceGuard(keras.callbacks.Callback):
         self.model.stop_training = True
 
 
-class EpochRecorder(keras.callbacks.Callback):
+class RunCallback(keras.callbacks.Callback):
+    """A callback of a run that acts once per finished epoch (`after_epoch`), never after a diverged one,
+    so a NaN epoch writes and prints nothing.
+
+    Args:
+        run: the `checkpoint.Run` being trained.
+    """
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not diverged(logs):
+            self.after_epoch(epoch, logs)
+
+    def after_epoch(self, epoch, logs):
+        """The callback's work at the end of epoch `epoch` (0-based), whose logs are finite."""
+        raise NotImplementedError
+
+
+class EpochRecorder(RunCallback):
     """Append the epoch's history row (losses, perplexities, lr, speed) to the run; count the epoch.
 
     Not keras.callbacks.History: the row also holds the throughput and the learning rate the epoch
@@ -146,8 +167,7 @@ class EpochRecorder(keras.callbacks.Callback):
     """
 
     def __init__(self, run):
-        super().__init__()
-        self.run = run
+        super().__init__(run)
         self.epoch_start = self.train_end = None
         self.train_tokens = 0
 
@@ -161,9 +181,7 @@ class EpochRecorder(keras.callbacks.Callback):
         if self.train_end is None:
             self.train_end = time.perf_counter()
 
-    def on_epoch_end(self, epoch, logs=None):
-        if diverged(logs):
-            return
+    def after_epoch(self, epoch, logs):
         now = time.perf_counter()
         tokens_per_second = self.train_tokens / ((self.train_end or now) - self.epoch_start)
         lr = learning_rate(self.model)  # the one this epoch ran with: the annealer comes after
@@ -174,7 +192,7 @@ class EpochRecorder(keras.callbacks.Callback):
         self.run.epoch = epoch + 1
 
 
-class BestModelSaver(keras.callbacks.Callback):
+class BestModelSaver(RunCallback):
     """When validation loss improves, save the stateless twin with these weights as model.keras;
     keep the run's best loss, best epoch and epochs since (the checkpoint carries them).
 
@@ -185,13 +203,7 @@ class BestModelSaver(keras.callbacks.Callback):
         run: the `checkpoint.Run` being trained.
     """
 
-    def __init__(self, run):
-        super().__init__()
-        self.run = run
-
-    def on_epoch_end(self, epoch, logs=None):
-        if diverged(logs):
-            return
+    def after_epoch(self, epoch, logs):
         run = self.run
         if logs["val_loss"] < run.best_val_loss:
             run.best_val_loss, run.best_epoch, run.wait = logs["val_loss"], epoch + 1, 0
@@ -255,7 +267,7 @@ class EarlyStopper(keras.callbacks.EarlyStopping):
             print(f"\nno improvement for {self.wait} epochs: stopping early")
 
 
-class Checkpointer(keras.callbacks.Callback):
+class Checkpointer(RunCallback):
     """Write the resumable checkpoint after every epoch.
 
     Not keras.callbacks.ModelCheckpoint: that writes in place and cannot carry the dropout RNG
@@ -267,16 +279,14 @@ class Checkpointer(keras.callbacks.Callback):
     """
 
     def __init__(self, run, save_checkpoint):
-        super().__init__()
-        self.run = run
+        super().__init__(run)
         self.save_checkpoint = save_checkpoint
 
-    def on_epoch_end(self, epoch, logs=None):
-        if not diverged(logs):
-            self.save_checkpoint(self.run)
+    def after_epoch(self, epoch, logs):
+        self.save_checkpoint(self.run)
 
 
-class HistoryWriter(keras.callbacks.Callback):
+class HistoryWriter(RunCallback):
     """Rewrite history.csv and curves.png from the run's history after every epoch.
 
     Not keras.callbacks.CSVLogger: that appends in place, so after a kill history.csv could run
@@ -286,32 +296,21 @@ class HistoryWriter(keras.callbacks.Callback):
         run: the `checkpoint.Run` being trained.
     """
 
-    def __init__(self, run):
-        super().__init__()
-        self.run = run
-
-    def on_epoch_end(self, epoch, logs=None):
-        if diverged(logs):
-            return
+    def after_epoch(self, epoch, logs):
         run = self.run
         history.write_csv(run.path(artifacts.HISTORY), run.history, run.vocab.level)
         history.plot_curves(run.path(artifacts.CURVES), run.history, run.title)
 
 
-class EpochReport(keras.callbacks.Callback):
+class EpochReport(RunCallback):
     """Print one line of the epoch's figures and what became of model.keras or the learning rate.
 
     Args:
         run: the `checkpoint.Run` being trained.
     """
 
-    def __init__(self, run):
-        super().__init__()
-        self.run = run
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not diverged(logs):
-            print(self.line(self.run.history[-1]))
+    def after_epoch(self, epoch, logs):
+        print(self.line(self.run.history[-1]))
 
     def line(self, row):
         """The report of one history row."""
@@ -326,21 +325,16 @@ class EpochReport(keras.callbacks.Callback):
         return f"epoch {row['epoch']} ({speed}) | train {figures} | valid {val} | {note}"
 
 
-class Sampler(keras.callbacks.Callback):
+class Sampler(RunCallback):
     """Print a short temperature-sampled continuation of the configured prompt after every epoch.
 
     Args:
         run: the `checkpoint.Run` being trained; its `sample_tokens` is more than 0.
     """
 
-    def __init__(self, run):
-        super().__init__()
-        self.run = run
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not diverged(logs):
-            self.run.twin.set_weights(self.model.get_weights())
-            print(f"--- sample, temperature {self.run.config.train.sample_temperature} ---\n{self.sample()}\n---")
+    def after_epoch(self, epoch, logs):
+        self.run.twin.set_weights(self.model.get_weights())
+        print(f"--- sample, temperature {self.run.config.train.sample_temperature} ---\n{self.sample()}\n---")
 
     def sample(self):
         """The continuation, from the twin (which holds the training model's weights)."""
