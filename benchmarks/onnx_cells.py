@@ -23,8 +23,8 @@ from generation import build_model  # noqa: E402 (also puts the project on sys.p
 
 from keraslm.export.signatures import ServingFunctions  # noqa: E402
 from keraslm.limits import ServingLimits  # noqa: E402
-from keraslm.states import state_names  # noqa: E402
 from keraslm.runs import load_run  # noqa: E402
+from keraslm.states import state_names  # noqa: E402
 
 
 def microseconds_per_step(session, feed, repeats, calls=200):
