@@ -34,6 +34,7 @@ dZ·Rᵀ, the shapes that run once per time step), in the same precision.
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -273,6 +274,9 @@ def main():
         return pytorch_child(*args.pytorch_child)
     cells = CELLS if args.cells == "all" else args.cells.split(",")
     configs = ("word", "char") if args.config == "all" else (args.config,)
+    peer = importlib.util.find_spec("torch") is not None
+    if not peer:
+        print("torch is not installed: no PyTorch rows (pip install torch==2.13.0 adds them)")
     print(
         "| config | cell | trainer | training tokens/s | validation loss (perplexity) | whole process, s "
         "| GFLOP/s | utilisation | of the recurrent-shape rate |"
@@ -287,11 +291,12 @@ def main():
             if args.both_precisions:
                 flags = ("--no-mixed-precision", "--mixed-precision")
                 keraslm = {f"keraslm train.py {flag}": (flag,) for flag in flags}
-            results = {name: [] for name in [*keraslm, "PyTorch loop"]}
+            results = {name: [] for name in [*keraslm, *(["PyTorch loop"] if peer else [])]}
             for _ in range(args.repeats):
                 for name, extra in keraslm.items():
                     results[name].append(run_keraslm(config, cell, data, extra))
-                results["PyTorch loop"].append(run_pytorch(config, cell, data))
+                if peer:
+                    results["PyTorch loop"].append(run_pytorch(config, cell, data))
             for trainer, runs in results.items():
                 speed, val_loss, wall = (statistics.median(column) for column in list(zip(*runs, strict=True))[:3])
                 dtype = runs[0][3]
