@@ -16,7 +16,6 @@ checks generate's greedy continuation against the step model for every cell.
 import tensorflow as tf
 
 from keraslm.cells import CELLS
-from keraslm.model import recurrent_layer_name
 from keraslm.recurrence import ACTIVATIONS, activated_gates, gru_update, lstm_update
 from keraslm.states import input_name, layer_state_names
 
@@ -30,19 +29,20 @@ class TokenStep:
     """The recurrent layers of a stateless twin as one-token functions with split weights.
 
     Args:
-        twin: the stateless model (`model.build_step_model`), whose layers `rnn_0` … hold the weights.
+        recurrent_layers: the twin's recurrent Keras layers, bottom first (`ModelLayers.recurrent`),
+            which hold the weights.
         model_config: its ModelConfig.
 
     Example:
-        step = TokenStep(twin, model_config)
+        step = TokenStep(ModelLayers.of(model_config, twin).recurrent, model_config)
         weights = step.weights()          # once, outside the loop
         x, states = step(x, states, weights)   # x [B, E] → [B, H]; states {"h0_in": [B, H], …}
     """
 
-    def __init__(self, twin, model_config):
+    def __init__(self, recurrent_layers, model_config):
         self.cell_name = model_config.cell
         self.cell = CELLS[model_config.cell]
-        self.layers = [twin.get_layer(recurrent_layer_name(i)).cell for i in range(model_config.num_layers)]
+        self.layers = [layer.cell for layer in recurrent_layers]
 
     def weights(self):
         """Per layer: (kernel blocks, recurrent-kernel blocks, bias) as float32 tensors."""

@@ -5,7 +5,7 @@ import pytest
 
 from keraslm import cells
 from keraslm.config import CELLS, ModelConfig
-from keraslm.model import build_step_model, build_training_model
+from keraslm.model import build_step_model, build_training_model, recurrent_layers
 
 
 def sigmoid(x):
@@ -222,7 +222,7 @@ def test_token_step_with_split_weights_equals_the_twin(cell, hidden_dim):
     state = {f"{n}_in": rng.normal(0, 1, (3, hidden_dim)).astype(np.float32) for n in names}
     expected = twin({"tokens": tokens, **state})
 
-    step = TokenStep(twin, config)
+    step = TokenStep(recurrent_layers(twin), config)
     x = twin.get_layer("embedding")(tokens[:, 0])
     output, new_state = step(x, {k: tf.constant(v) for k, v in state.items()}, step.weights())
     np.testing.assert_allclose(output.numpy(), expected["h1_out"].numpy()[:, :], atol=1e-5)

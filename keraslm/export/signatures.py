@@ -46,7 +46,7 @@ class ServingFunctions:
         self.primer = build_primer_model(model_config, twin)
         self.layers = ModelLayers.of(model_config, twin)
         self.states = state_names(model_config)
-        self.token_step = TokenStep(twin, model_config)
+        self.token_step = TokenStep(self.layers.recurrent, model_config)
         self.level = vocab.level
         self.vocabulary_size = len(vocab)
         self.tokenizer = PromptTokenizer(vocab)
