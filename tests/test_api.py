@@ -120,6 +120,10 @@ def test_the_api_names_and_their_classes():
         TrainConfig,
     )
     assert {"train", "export", "load", "Generator", "RunConfig"} <= set(dir(keraslm))
+    # Once imported, the subpackage is keraslm.export; called, it is still the API's export.
+    from keraslm.export import export_run
+
+    assert keraslm.export.export_run is export_run and callable(keraslm.export)
     with pytest.raises(AttributeError):
         keraslm.no_such_name  # noqa: B018
 
