@@ -158,7 +158,7 @@ def inference_venv(tmp_path_factory, wheel):
 
 def assert_samples_without_tensorflow(venv, export, cwd):
     """TensorFlow and the other training-side packages are absent from `venv`, and its keraslm-sample
-    prints what the checkout's sample.py prints on the same export and flags."""
+    and keraslm.load print what the checkout's sample.py prints on the same export and settings."""
     for module in HEAVY:
         absent = run([venv / "bin" / "python", "-c", f"import {module}"], cwd=cwd)
         assert absent.returncode != 0 and f"No module named '{module}'" in absent.stderr, module
@@ -168,6 +168,11 @@ def assert_samples_without_tensorflow(venv, export, cwd):
         assert installed.returncode == 0, installed.stderr
         assert host.returncode == 0, host.stderr
         assert installed.stdout == host.stdout and installed.stdout.startswith(args[1])
+    # The Python API too: the same text as sample.py for the first flags (greedy, 40 tokens after "First").
+    probe = "import sys, keraslm; print(keraslm.load(sys.argv[1]).generate('First', 40, temperature=0)[0])"
+    api = run([venv / "bin" / "python", "-c", probe, export], cwd=cwd)
+    assert api.returncode == 0, api.stderr
+    assert api.stdout == run_script("sample.py", export, *SAMPLE_ARGS[0]).stdout
 
 
 def test_the_inference_only_venv_samples_as_sample_py_does(inference_venv, export, tmp_path):

@@ -73,6 +73,7 @@ def check_args(args):
 
 
 def temperature(args):
+    """The temperature asked for: 0 (greedy) with --greedy."""
     return 0.0 if args.greedy else args.temperature
 
 
