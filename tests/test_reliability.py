@@ -11,7 +11,7 @@ import zipfile
 
 import keras
 import pytest
-from conftest import ROOT, TINY_SHAKESPEARE_DIR, assert_one_line_error, make_run, run_script
+from conftest import ROOT, assert_one_line_error, make_run, run_script, shakespeare
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,7 @@ SMALL = ["--hidden-dim", "32", "--embedding-dim", "16", "--sample-tokens", "0", 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:60_000])
+    path.write_text(shakespeare()[:60_000])
     return path
 
 
