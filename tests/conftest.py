@@ -17,6 +17,11 @@ from keraslm.data import split_text
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
+# No network for a script run with this environment: a proxy nobody listens on makes every download
+# fail at once, as offline. Both spellings, since Python's lower-case one wins where both are set.
+DEAD_PROXY = "http://127.0.0.1:9"
+OFFLINE = {"https_proxy": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "http_proxy": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY}
+OFFLINE |= {"no_proxy": "", "NO_PROXY": ""}
 
 
 @functools.cache

@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, error_lines, run_script, shakespeare
+from conftest import OFFLINE, ROOT, error_lines, run_script, shakespeare
 
 RUN_FILES = {
     "config.json",
@@ -55,10 +55,6 @@ def test_char_level_through_the_tfds_manual_dir(tmp_path, tiny_shakespeare_dir):
     assert set(json.loads((run_dir / "results.json").read_text())) >= {"test_loss", "test_perplexity", "test_bpc"}
 
 
-# No network: a proxy nobody listens on makes every download fail at once, as offline.
-OFFLINE = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
-
-
 def test_offline_tiny_shakespeare_is_prepared_from_the_bundled_copy(tmp_path):
     run_dir, temporary = tmp_path / "run", tmp_path / "tmp"
     temporary.mkdir()
@@ -86,25 +82,6 @@ def test_offline_tiny_shakespeare_is_prepared_from_the_bundled_copy(tmp_path):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["data"]["source"] == "tfds:tiny_shakespeare" and config["model"]["vocabulary_size"] == 65
     assert [r["epoch"] for r in history(run_dir)] == ["1"]
-
-
-def test_offline_other_tfds_datasets_keep_the_one_line_error(tmp_path):
-    # imdb_reviews is defined in TFDS's code (no network needed to know it) and has a text feature.
-    result = run_script(
-        "train.py",
-        "--data",
-        "tfds:imdb_reviews",
-        "--tfds-data-dir",
-        tmp_path / "tfds",
-        "--run-dir",
-        tmp_path / "run",
-        env=OFFLINE,
-    )
-    lines = error_lines(result.stderr)
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert "TFDS could not download or prepare 'imdb_reviews'" in lines[0] and "--tfds-manual-dir" in lines[0]
-    assert "bundled" not in result.stdout
-    assert not (tmp_path / "run").exists()
 
 
 def test_word_level_on_wikitext(tmp_path, wikitext_dir):
