@@ -292,7 +292,7 @@ def _write_tokens(corpus, vocabulary, folder, progress):
         with open(os.path.join(folder, token_file(split)), "wb") as f:
             tokens[split] = 0
             for ids in encoder.encode(chunks):
-                ids.astype(dtype).tofile(f)
+                f.write(ids.astype(dtype).data)
                 tokens[split] += len(ids)
                 progress.advance(tokens=len(ids))
             f.flush()
