@@ -38,6 +38,7 @@ SPLITS = ("train", "valid", "test")
 CODE_POINTS = 0x110000  # every Unicode code point
 UINT16_TOKENS = 1 << 16
 DIRECTORY_NAME = "keraslm-tokens"  # the default folder, inside TFDS's data dir
+STALE_SECONDS = 24 * 3600  # a temporary folder this old is a killed build's
 
 
 def token_file(split):
@@ -214,6 +215,7 @@ def _temporary_folder(folder, key):
         raise ArgumentError("{token_cache} {path} is a file, not a folder; give a folder", path=folder)
     try:
         os.makedirs(folder, exist_ok=True)
+        _remove_stale_temporaries(folder)
         return tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise ArgumentError(
@@ -221,6 +223,15 @@ def _temporary_folder(folder, key):
             path=folder,
             reason=e.strerror or e,
         ) from None
+
+
+def _remove_stale_temporaries(folder):
+    """Remove the temporary folders of builds killed long ago (a build that is interrupted or
+    fails removes its own); a day is far longer than any build, so none in progress is touched."""
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(".") and name.endswith(".tmp") and time.time() - os.path.getmtime(path) > STALE_SECONDS:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _commit(temporary, path):

@@ -204,6 +204,17 @@ def test_a_resumed_runs_other_vocabulary_gets_its_own_entry(tmp_path):
     np.testing.assert_array_equal(entry.streams["train"], reference_ids(splits, older)["train"])
 
 
+def test_a_killed_builds_old_temporary_is_removed_a_running_ones_kept(tmp_path):
+    cache = tmp_path / "cache"
+    killed, running = cache / ".0123abcd.x1y2z3w4.tmp", cache / ".4567cdef.a1b2c3d4.tmp"
+    for folder in (killed, running):
+        folder.mkdir(parents=True)
+        (folder / "train.bin").write_bytes(b"\0" * 10)
+    os.utime(killed, (0, 0))
+    entry = prepare(TINY_SHAKESPEARE_DIR / "input.txt", cache)
+    assert sorted(os.listdir(cache)) == sorted([running.name, os.path.basename(entry.path)])
+
+
 def test_a_bad_split_leaves_no_entry(tmp_path):
     corpus = tmp_path / "d"
     corpus.mkdir()
