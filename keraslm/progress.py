@@ -48,9 +48,9 @@ class Progress:
             self._show(now)
 
     def close(self):
-        """End the line drawn on a terminal."""
+        """Erase the line drawn on a terminal (the work's own summary follows)."""
         if self.drawn and self.terminal:
-            self.stream.write("\n")
+            self.stream.write("\r\x1b[K")
             self.stream.flush()
         self.drawn = False
 

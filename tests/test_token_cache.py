@@ -247,6 +247,23 @@ def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path):
     assert_one_line_error(result, "--token-cache", "is a file, not a folder")
 
 
+def test_train_builds_the_entry_once_then_maps_it_and_records_no_cache(tmp_path):
+    corpus, cache = tmp_path / "corpus.txt", tmp_path / "tokens"
+    corpus.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    small = ["--hidden-dim", "8", "--embedding-dim", "4", "--batch-size", "4", "--bptt", "10", "--sample-tokens", "0"]
+    common = ["--dry-run", "--epochs", "1", "--token-cache", cache, "--verbose", "2", *small]
+    first = run_script("train.py", "--data", corpus, "--run-dir", tmp_path / "a", *common)
+    second = run_script("train.py", "--data", corpus, "--run-dir", tmp_path / "b", *common)
+    resumed = run_script("train.py", "--resume", "--run-dir", tmp_path / "a", "--epochs", "2", *common[3:5])
+    assert [result.returncode for result in (first, second, resumed)] == [0, 0, 0], resumed.stderr
+    (key,) = os.listdir(cache)
+    for result, status in ((first, "built"), (second, "hit"), (resumed, "hit")):
+        (line,) = [line for line in result.stdout.splitlines() if line.startswith("token cache: ")]
+        assert line.startswith(f"token cache: {status} {key[:12]} in {cache}, tokens train/valid/test 45,000/")
+        assert ", uint16, 0.1 MB, " in line
+    assert str(cache) not in (tmp_path / "a" / "config.json").read_text()
+
+
 def _file_size_limit(limit):
     def limit_in_child():
         import resource
