@@ -124,7 +124,7 @@ def prepare(corpus, data_config, folder, vocabulary=None, progress=None):
         progress: a keraslm.progress.Progress (default: on stderr).
 
     Raises:
-        ArgumentError: the folder cannot hold the entry (named `token_cache`).
+        ArgumentError: the folder cannot hold the entry (named `token_cache_dir`, as train() calls it).
         UsageError: the corpus is unreadable or a split is empty.
     """
     started = time.monotonic()
@@ -198,7 +198,8 @@ def _build(corpus, settings, key, folder, vocabulary, progress):
         _commit(temporary, os.path.join(folder, key))
     except OSError as e:
         raise ArgumentError(
-            "cannot write the {token_cache} entry {path}: {reason}; free some space or give another {token_cache} DIR",
+            "cannot write the {token_cache_dir} entry {path}: {reason}; free some space or give another"
+            " {token_cache_dir} DIR",
             path=os.path.join(folder, key),
             reason=e.strerror or e,
         ) from None
@@ -212,14 +213,14 @@ def _cut(settings):
 
 def _temporary_folder(folder, key):
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise ArgumentError("{token_cache} {path} is a file, not a folder; give a folder", path=folder)
+        raise ArgumentError("{token_cache_dir} {path} is a file, not a folder; give a folder", path=folder)
     try:
         os.makedirs(folder, exist_ok=True)
         _remove_stale_temporaries(folder)
         return tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=folder)
     except OSError as e:
         raise ArgumentError(
-            "cannot write the {token_cache} folder {path}: {reason}; give a writable {token_cache} DIR",
+            "cannot write the {token_cache_dir} folder {path}: {reason}; give a writable {token_cache_dir} DIR",
             path=folder,
             reason=e.strerror or e,
         ) from None

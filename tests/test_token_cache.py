@@ -239,7 +239,7 @@ def test_decoding_errors_name_the_byte_and_line_across_chunk_borders(tmp_path, m
 
 def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(ArgumentError, match="token_cache .* is a file, not a folder"):
+    with pytest.raises(ArgumentError, match="token_cache_dir .* is a file, not a folder"):
         prepare(TINY_SHAKESPEARE_DIR / "input.txt", tmp_path / "file")
     corpus = tmp_path / "c.txt"
     corpus.write_text("abc\n" * 100)
