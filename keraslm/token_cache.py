@@ -239,7 +239,7 @@ def _commit(temporary, path):
     """Rename the finished entry into place. Another process's whole entry there wins (ours is
     thrown away); a damaged one is moved aside first and removed."""
     if os.path.isdir(path) and open_entry(path, os.path.basename(path))[1]:
-        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".damaged", dir=os.path.dirname(path))
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".damaged.tmp", dir=os.path.dirname(path))
         os.replace(path, os.path.join(aside, "entry"))
         shutil.rmtree(aside, ignore_errors=True)
     try:
