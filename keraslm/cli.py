@@ -8,8 +8,9 @@ import sys
 
 from keraslm.errors import ArgumentError, UsageError
 
-# Library arguments whose flag is not `--` and the name with dashes (DataConfig.source is --data).
-FLAGS = {"source": "--data"}
+# Library arguments whose flag is not `--` and the name with dashes (DataConfig.source is --data,
+# train()'s token_cache_dir --token-cache).
+FLAGS = {"source": "--data", "token_cache_dir": "--token-cache"}
 
 
 class ArgumentParser(argparse.ArgumentParser):

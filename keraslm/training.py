@@ -20,11 +20,11 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from keraslm import artifacts, distribute, history, keras_compat, loop
+from keraslm import artifacts, distribute, history, keras_compat, loop, token_cache
 from keraslm import callbacks as run_callbacks
 from keraslm.checkpoint import Run, load_checkpoint, save_checkpoint
 from keraslm.config import RunConfig
-from keraslm.data import load_corpus, tbptt_dataset
+from keraslm.data import open_corpus, tbptt_dataset
 from keraslm.errors import ArgumentError, UsageError
 from keraslm.files import remove_stale_temporaries, write_text_atomic
 from keraslm.locks import locked_directory
@@ -71,23 +71,16 @@ def make_optimizer(train_config):
     return optimizers.AdamW(lr, weight_decay=train_config.weight_decay, **clip)
 
 
-def encode_splits(splits, vocab):
-    """Token id streams of every split. Unknown characters outside training are dropped, with a note."""
-    ids = {}
-    for name, text in splits.items():
-        if vocab.level == "word" and not text.endswith("\n"):
-            text += "\n"  # the last line ends with <eos> too, as in pytorch/examples
-        ids[name] = vocab.encode(text, skip_unknown=True)
-        if vocab.level == "char" and len(ids[name]) < len(text):
-            unknown = sorted(set(text) - set(vocab.index))
-            print(
-                f"note: {len(text) - len(ids[name])} characters of the {name} split are not in the "
-                f"training vocabulary and were dropped: {', '.join(map(repr, unknown[:10]))}"
-            )
-    return ids
-
-
-def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, strategy="default", should_stop=None):
+def train(
+    config: RunConfig,
+    run_dir,
+    resume=False,
+    dry_run=False,
+    verbose=1,
+    strategy="default",
+    should_stop=None,
+    token_cache_dir=None,
+):
     """Train (or resume) a run and evaluate its best model on the test split.
 
     Args:
@@ -100,6 +93,8 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
             between them. Under multi-worker only worker 0 writes run_dir.
         should_stop: a function of no arguments, polled after every batch; once it returns true,
             training stops as at Ctrl-C (the command line passes "a signal has arrived").
+        token_cache_dir: the token cache folder (default: token_cache.default_folder). It is
+            recorded nowhere: a run does not depend on it.
 
     Returns:
         The dict written to results.json.
@@ -127,6 +122,7 @@ def train(config: RunConfig, run_dir, resume=False, dry_run=False, verbose=1, st
                 verbose=verbose,
                 shown_run_dir=run_dir,
                 should_stop=should_stop or (lambda: False),
+                token_cache_dir=token_cache_dir or token_cache.default_folder(config.data.tfds_data_dir),
             )
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)  # --mixed-precision is per run
@@ -159,14 +155,12 @@ def writable_run_dir(run_dir, strategy, resume):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _train(config, run_dir, strategy, *, resume, dry_run, verbose, shown_run_dir, should_stop):
+def _train(config, run_dir, strategy, *, resume, dry_run, verbose, shown_run_dir, should_stop, token_cache_dir):
     # The steps of train(), in order; shown_run_dir is run_dir as the user named it (see writable_run_dir).
     keras.utils.set_random_seed(config.train.seed)
     replica_batch_size = distribute.per_replica_batch_size(strategy, config.train.batch_size)  # may refuse: early
     set_precision_policy(config.train)
-    splits = load_corpus(config.data)
-    vocab = load_or_build_vocabulary(config, splits, run_dir, resume)
-    ids = encode_splits(splits, vocab)
+    vocab, ids = load_tokens(config, run_dir, resume, token_cache_dir)
     datasets = make_datasets(ids, config.train, dry_run)
     remove_stale_temporaries(run_dir, artifacts.RUN_FILES)
     run = Run(run_dir, config, vocab)
@@ -193,15 +187,19 @@ def set_precision_policy(train_config):
         )
 
 
-def load_or_build_vocabulary(config, splits, run_dir, resume):
-    """The run's vocab.json on resume, else a new one from the training split; sizes the model by it."""
-    if resume:
-        vocab = Vocabulary.load(os.path.join(run_dir, artifacts.VOCAB))
-    else:
-        vocab = Vocabulary.build(splits["train"], config.data.level, config.data.min_freq, config.data.max_vocab)
-    config.model.vocabulary_size = len(vocab)
+def load_tokens(config, run_dir, resume, token_cache_dir):
+    """The vocabulary and the token stream of every split, memory-mapped from the token cache (built
+    on a first run over the corpus). A new run's vocabulary is built from the training split, a
+    resumed run's is its vocab.json; the model is sized by it."""
+    corpus = open_corpus(config.data)
+    vocab = Vocabulary.load(os.path.join(run_dir, artifacts.VOCAB)) if resume else None
+    entry = token_cache.prepare(corpus, config.data, token_cache_dir, vocabulary=vocab)
+    print(entry.summary())
+    for note in entry.notes:
+        print(note)
+    config.model.vocabulary_size = len(entry.vocabulary)
     config.model.validate()  # again, now that the vocabulary sizes the embedding and the output
-    return vocab
+    return entry.vocabulary, entry.streams
 
 
 def make_datasets(ids, train_config, dry_run):

@@ -57,12 +57,17 @@ class Vocabulary:
         """
         if level == "char":
             return cls("char", sorted(set(text)))
-        counts = collections.Counter(_words(text))
+        return cls.from_word_counts(collections.Counter(words(text)), min_freq, max_vocab)
+
+    @classmethod
+    def from_word_counts(cls, counts, min_freq=1, max_vocab=0):
+        """A word vocabulary from a Counter of the training words, counted in text order (as
+        `build` counts them; keraslm.token_cache counts a corpus too large to hold in chunks)."""
         # Counter.most_common keeps first-appearance order among equal counts.
-        words = [w for w, n in counts.most_common() if n >= min_freq and w not in (UNK, EOS)]
+        kept = [w for w, n in counts.most_common() if n >= min_freq and w not in (UNK, EOS)]
         if max_vocab:
-            words = words[: max(max_vocab - 2, 0)]
-        return cls("word", [UNK, EOS, *words])
+            kept = kept[: max(max_vocab - 2, 0)]
+        return cls("word", [UNK, EOS, *kept])
 
     @property
     def unk_id(self):
@@ -78,7 +83,7 @@ class Vocabulary:
 
     def split(self, text):
         """Text to tokens (strings), `<eos>` at each line end at word level."""
-        return list(text) if self.level == "char" else _words(text)
+        return list(text) if self.level == "char" else words(text)
 
     def encode(self, text, skip_unknown=False):
         """Text to an int32 id array.
@@ -162,7 +167,12 @@ class Vocabulary:
             raise UsageError(f"{path} is not valid JSON ({e}); the run directory is damaged") from None
 
 
-def _words(text):
+def words(text):
+    """Text to word tokens: whitespace split, `<eos>` for every newline.
+
+    Text cut after any space or newline tokenizes piece by piece as it does whole, which lets
+    keraslm.token_cache stream a corpus through this rule.
+    """
     # pytorch/examples' Corpus: every line ends with <eos>, empty lines included. Here <eos>
     # stands for the newline itself, so text without a final newline (a prompt) ends without it.
     words = []

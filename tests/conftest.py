@@ -36,6 +36,14 @@ def wikitext_layout(text):
     return "".join(" ".join(re.findall(r"\w+(?:'\w+)*|[^\w\s]", line)) + "\n" for line in text.splitlines())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache_folder(tmp_path_factory):
+    """The tests' token cache: a temporary folder, never the user's (scripts inherit it)."""
+    folder = tmp_path_factory.mktemp("keraslm-tokens")
+    os.environ["KERASLM_TOKEN_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shakespeare_text():
     """The full Tiny Shakespeare corpus."""

@@ -5,6 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keraslm import data
 from keraslm.config import DataConfig
 from keraslm.data import load_corpus, split_text, tbptt_arrays, tbptt_dataset
 from keraslm.errors import UsageError
@@ -89,3 +90,11 @@ def test_bad_sources(tmp_path):
     assert "café" in load_corpus(DataConfig(source=str(tmp_path / "latin.txt"), encoding="latin-1"))["train"]
     with pytest.raises(UsageError, match="no dataset"):
         load_corpus(DataConfig(source="tfds:no_such_dataset_xyz", tfds_data_dir=str(tmp_path)))
+
+
+def test_a_file_read_in_small_chunks_splits_as_split_text(tmp_path, monkeypatch):
+    # Chunk borders fall inside multi-byte characters and away from the split points.
+    monkeypatch.setattr(data, "CHUNK_BYTES", 7)
+    text = "é€x\nab c\n" * 101
+    (tmp_path / "corpus.txt").write_text(text, encoding="utf-8")
+    assert load_corpus(DataConfig(source=str(tmp_path / "corpus.txt"))) == split_text(text)

@@ -4,7 +4,7 @@ import argparse
 import os
 import sys
 
-from keraslm import artifacts
+from keraslm import artifacts, token_cache
 from keraslm.cli import ArgumentParser, interrupted, run_main
 from keraslm.config import (
     CELLS,
@@ -20,7 +20,7 @@ from keraslm.config import (
 from keraslm.errors import UsageError
 
 # Flags that are not part of RunConfig.
-RUN_FLAGS = ("run_dir", "resume", "dry_run", "verbose", "dataset", "data", "strategy")
+RUN_FLAGS = ("run_dir", "resume", "dry_run", "verbose", "dataset", "data", "strategy", "token_cache")
 
 
 def default_of(name):
@@ -53,6 +53,12 @@ def build_parser():
         "--max-vocab", type=int, help=f"word level: keep at most N tokens ({default_of('max_vocab')} = all)"
     )
     data.add_argument("--encoding", help=f"encoding of corpus files ({default_of('encoding')})")
+    data.add_argument(
+        "--token-cache",
+        metavar="DIR",
+        help="folder of tokenized corpora, made once and memory-mapped by later runs (default: $KERASLM_TOKEN_CACHE"
+        f" or {token_cache.DIRECTORY_NAME} in TFDS's data dir)",
+    )
     model = p.add_argument_group("model")
     model.add_argument("--cell", choices=CELLS, help=f"recurrent cell ({default_of('cell')})")
     model.add_argument("--num-layers", type=int, help=f"stacked recurrent layers ({default_of('num_layers')})")
@@ -195,6 +201,7 @@ def main(argv=None):
             verbose=verbose,
             strategy=args.strategy,
             should_stop=interrupted,  # a signal swallowed in a finalizer still stops training
+            token_cache_dir=args.token_cache,
         )
     except Interrupted as e:
         raise KeyboardInterrupt(str(e)) from None
