@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TINY_SHAKESPEARE_DIR, WIKITEXT_DIR, assert_one_line_error, run_script
+from conftest import ROOT, assert_one_line_error, run_script
 
 from keraslm import data, progress, token_cache
 from keraslm.config import DataConfig
@@ -29,6 +29,12 @@ def reference_ids(splits, vocab):
             text += "\n"
         ids[name] = vocab.encode(text, skip_unknown=True)
     return ids
+
+
+@pytest.fixture(scope="module")
+def shakespeare_file(tiny_shakespeare_dir):
+    """The bundled Tiny Shakespeare as a file, as TFDS downloads it."""
+    return tiny_shakespeare_dir / "input.txt"
 
 
 def prepare(source, folder, vocabulary=None, **settings):
@@ -68,8 +74,9 @@ def test_word_cut_keeps_the_order_of_ties(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("level", ["char", "word"])
-@pytest.mark.parametrize("source", [TINY_SHAKESPEARE_DIR / "input.txt", WIKITEXT_DIR])
-def test_real_corpora_encode_as_the_whole_text_rules(tmp_path, source, level):
+@pytest.mark.parametrize("source_fixture", ["shakespeare_file", "wikitext_dir"])
+def test_real_corpora_encode_as_the_whole_text_rules(tmp_path, request, source_fixture, level):
+    source = request.getfixturevalue(source_fixture)
     entry = prepare(source, tmp_path, level=level)
     assert entry.streams["train"].dtype == np.uint16
     assert_same_as_the_whole_text_rules(entry, source, level=level)
@@ -135,8 +142,8 @@ def test_same_bytes_in_another_layout_is_another_entry(tmp_path):
         lambda path: (path / "vocab.json").write_text('{"level": "char", "tokens": ["a"]}'),
     ],
 )
-def test_a_damaged_entry_is_rebuilt_never_used(tmp_path, damage):
-    corpus = TINY_SHAKESPEARE_DIR / "input.txt"
+def test_a_damaged_entry_is_rebuilt_never_used(tmp_path, damage, shakespeare_file):
+    corpus = shakespeare_file
     whole = prepare(corpus, tmp_path)
     expected = {name: np.array(stream) for name, stream in whole.streams.items()}
     del whole
@@ -179,9 +186,9 @@ def build_in_a_process(corpus, cache, level):
     return [sys.executable, "-c", BUILD, str(corpus), str(cache), level]
 
 
-def test_two_processes_building_one_entry_both_end_with_the_whole_entry(tmp_path):
+def test_two_processes_building_one_entry_both_end_with_the_whole_entry(tmp_path, wikitext_dir):
     corpus, cache = tmp_path / "corpus.txt", tmp_path / "cache"
-    corpus.write_text((WIKITEXT_DIR / "train.txt").read_text(encoding="utf-8") * 4, encoding="utf-8")
+    corpus.write_text((wikitext_dir / "train.txt").read_text(encoding="utf-8") * 4, encoding="utf-8")
     builders = [
         subprocess.Popen(build_in_a_process(corpus, cache, "word"), cwd=ROOT, stdout=subprocess.PIPE) for _ in range(2)
     ]
@@ -204,14 +211,14 @@ def test_a_resumed_runs_other_vocabulary_gets_its_own_entry(tmp_path):
     np.testing.assert_array_equal(entry.streams["train"], reference_ids(splits, older)["train"])
 
 
-def test_a_killed_builds_old_temporary_is_removed_a_running_ones_kept(tmp_path):
+def test_a_killed_builds_old_temporary_is_removed_a_running_ones_kept(tmp_path, shakespeare_file):
     cache = tmp_path / "cache"
     killed, running = cache / ".0123abcd.x1y2z3w4.tmp", cache / ".4567cdef.a1b2c3d4.tmp"
     for folder in (killed, running):
         folder.mkdir(parents=True)
         (folder / "train.bin").write_bytes(b"\0" * 10)
     os.utime(killed, (0, 0))
-    entry = prepare(TINY_SHAKESPEARE_DIR / "input.txt", cache)
+    entry = prepare(shakespeare_file, cache)
     assert sorted(os.listdir(cache)) == sorted([running.name, os.path.basename(entry.path)])
 
 
@@ -237,19 +244,19 @@ def test_decoding_errors_name_the_byte_and_line_across_chunk_borders(tmp_path, m
     assert os.listdir(tmp_path / "cache") == []
 
 
-def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path):
+def test_a_cache_folder_that_is_a_file_is_one_line(tmp_path, shakespeare_file):
     (tmp_path / "file").write_text("")
     with pytest.raises(ArgumentError, match="token_cache_dir .* is a file, not a folder"):
-        prepare(TINY_SHAKESPEARE_DIR / "input.txt", tmp_path / "file")
+        prepare(shakespeare_file, tmp_path / "file")
     corpus = tmp_path / "c.txt"
     corpus.write_text("abc\n" * 100)
     result = run_script("train.py", "--data", corpus, "--token-cache", tmp_path / "file", "--run-dir", tmp_path / "r")
     assert_one_line_error(result, "--token-cache", "is a file, not a folder")
 
 
-def test_train_builds_the_entry_once_then_maps_it_and_records_no_cache(tmp_path):
+def test_train_builds_the_entry_once_then_maps_it_and_records_no_cache(tmp_path, shakespeare_file):
     corpus, cache = tmp_path / "corpus.txt", tmp_path / "tokens"
-    corpus.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text(encoding="utf-8")[:50_000], encoding="utf-8")
+    corpus.write_text((shakespeare_file).read_text(encoding="utf-8")[:50_000], encoding="utf-8")
     small = ["--hidden-dim", "8", "--embedding-dim", "4", "--batch-size", "4", "--bptt", "10", "--sample-tokens", "0"]
     common = ["--dry-run", "--epochs", "1", "--token-cache", cache, "--verbose", "2", *small]
     first = run_script("train.py", "--data", corpus, "--run-dir", tmp_path / "a", *common)
@@ -274,12 +281,12 @@ def _file_size_limit(limit):
     return limit_in_child
 
 
-def test_a_full_disk_leaves_nothing_half_written(tmp_path):
+def test_a_full_disk_leaves_nothing_half_written(tmp_path, shakespeare_file):
     # A file size limit stands in for a full disk: the write fails part-way through train.bin.
     cache = tmp_path / "cache"
     cache.mkdir()
     result = subprocess.run(
-        build_in_a_process(TINY_SHAKESPEARE_DIR / "input.txt", cache, "char"),
+        build_in_a_process(shakespeare_file, cache, "char"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -302,16 +309,17 @@ def test_default_folder_is_inside_tfds_data_dir(monkeypatch, tmp_path):
     assert token_cache.default_folder(str(tmp_path)) == "/somewhere"
 
 
-def test_tfds_examples_stream_into_the_cache(tmp_path, shakespeare_text):
-    config = DataConfig(tfds_manual_dir=str(TINY_SHAKESPEARE_DIR), tfds_data_dir=str(tmp_path))
+def test_tfds_examples_stream_into_the_cache(tmp_path, shakespeare_text, tiny_shakespeare_dir):
+    config = DataConfig(tfds_manual_dir=str(tiny_shakespeare_dir), tfds_data_dir=str(tmp_path))
     entry = token_cache.prepare(open_corpus(config), config, str(tmp_path / "cache"), progress=progress.Progress(None))
     assert [len(entry.streams[s]) for s in ("train", "valid", "test")] == [1_003_854, 55_770, 55_770]
     assert entry.vocabulary.decode(entry.streams["train"][:1000]) == shakespeare_text[:1000]
 
 
 @pytest.mark.parametrize("level", ["char", "word"])
-@pytest.mark.parametrize("source", [TINY_SHAKESPEARE_DIR / "input.txt", WIKITEXT_DIR])
-def test_windows_from_the_map_equal_tbptt_arrays(tmp_path, source, level):
+@pytest.mark.parametrize("source_fixture", ["shakespeare_file", "wikitext_dir"])
+def test_windows_from_the_map_equal_tbptt_arrays(tmp_path, request, source_fixture, level):
+    source = request.getfixturevalue(source_fixture)
     entry = prepare(source, tmp_path, level=level)
     for split, batch_size, bptt in [("train", 64, 100), ("train", 20, 35), ("valid", 7, 13), ("test", 1, 128)]:
         stream = entry.streams[split]
