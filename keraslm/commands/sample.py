@@ -46,7 +46,7 @@ def parse_args(argv):
     p.add_argument(
         "--int8",
         action="store_true",
-        help="onnx backend: the int8-weight model (about 3x faster on CPUs with int8 instructions; export checks"
+        help="onnx backend: the int8-weight model (faster on CPUs with int8 instructions; export checks"
         " that its next-token distributions stay within a mean KL of 0.01 nats of the float model's)",
     )
     p.add_argument(

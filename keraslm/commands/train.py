@@ -107,7 +107,7 @@ def build_parser():
         action=argparse.BooleanOptionalAction,
         default=None,
         help="float16 (GPU) / bfloat16 (CPU) compute, float32 weights, logits and loss (default: on for a"
-        " CPU with AMX bfloat16 units and no GPU, where it trains 1.3-1.9x faster; off otherwise)",
+        " CPU with AMX bfloat16 units and no GPU, where it trains faster: benchmarks/RESULTS.md; off otherwise)",
     )
     train.add_argument("--sample-prompt", help="prompt of the sample printed after each epoch (default: start token)")
     train.add_argument(
