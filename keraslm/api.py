@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def train(config=None, run_dir=None, *, resume=False, dry_run=False, verbose=1):
+def train(config=None, run_dir=None, *, resume=False, dry_run=False, verbose=1, token_cache=None):
     """Train a model (or resume a run) and evaluate it on the test split, as train.py does.
 
     Args:
@@ -48,6 +48,8 @@ def train(config=None, run_dir=None, *, resume=False, dry_run=False, verbose=1):
         resume: continue the run in `run_dir` from its last finished epoch.
         dry_run: two windows of each phase per epoch (a smoke test).
         verbose: 0 silent, 1 a progress bar, 2 a line per epoch.
+        token_cache: the folder of tokenized corpora, as train.py's --token-cache (default:
+            $KERASLM_TOKEN_CACHE, else keraslm-tokens in TFDS's data dir).
 
     Returns:
         The run directory (a Path) holding config.json, vocab.json, model.keras and results.json.
@@ -63,7 +65,7 @@ def train(config=None, run_dir=None, *, resume=False, dry_run=False, verbose=1):
     run_dir = run_dir if run_dir is not None else artifacts.default_run_dir(config)
     from keraslm.training import train as train_run  # TensorFlow loads here
 
-    train_run(config, str(run_dir), resume=resume, dry_run=dry_run, verbose=verbose)
+    train_run(config, str(run_dir), resume=resume, dry_run=dry_run, verbose=verbose, token_cache_dir=token_cache)
     return Path(run_dir)
 
 
