@@ -30,7 +30,8 @@ MAX_SAMPLE_TOKENS = 100_000
 
 # The settings whose default depends on the level; every other default is its field's below. Word
 # level follows pytorch/examples' word_language_model (its README's medium-size recipe); char level
-# is a 2×256 LSTM that reaches ≤ 1.45 nats/char on Tiny Shakespeare in under 8 minutes on a 2-core CPU.
+# is a 2×256 LSTM that reaches ≤ 1.45 nats/char on Tiny Shakespeare within its 12 epochs
+# (benchmarks/RESULTS.md, "The default run with pytorch/examples' initialisation").
 LEVEL_DEFAULTS = {
     "char": dict(
         embedding_dim=128, hidden_dim=256, dropout=0.1, batch_size=32, bptt=100, epochs=12, optimizer="adam", lr=2e-3
@@ -70,9 +71,8 @@ class ModelConfig:
     dropout: float = _LEVEL["dropout"]
     tie_weights: bool = False
     one_hot: bool = False
-    # pytorch/examples' at both levels: it learns faster than Keras' defaults (word level: perplexity
-    # after one epoch on wikitext-2-mini 338 against 494; char level: validation 2.42 against 2.54
-    # after two epochs of the benchmark's 2×512 config, the default run ≤ 1.45 one epoch sooner).
+    # pytorch/examples' at both levels: it learns faster than Keras' defaults at both levels
+    # (benchmarks/RESULTS.md, "Figures from code comments").
     init: str = "torch"
 
     def num_parameters(self):

@@ -1,11 +1,10 @@
 """The training loss: softmax cross-entropy of the logits, written for speed on a CPU.
 
-At word level the loss over a [B·T, V] logit matrix costs as much as a matmul: TensorFlow's fused
-`SparseSoftmaxCrossEntropyWithLogits` took 45 ms for its value and gradient at the word config's
-700 × 14,143 logits on this project's 2-core CPU, a third of the whole training step. The same
+At word level the loss over a [B·T, V] logit matrix costs as much as a matmul, and TensorFlow's
+fused `SparseSoftmaxCrossEntropyWithLogits` was a large part of the training step. The same
 mathematics as two small XLA-compiled functions (forward, and the gradient softmax − one-hot)
-took 8 ms: XLA fuses each into one or two passes over the matrix. Values and gradients equal the
-fused op's to float rounding (tests/test_losses.py).
+is faster: XLA fuses each into one or two passes over the matrix (benchmarks/RESULTS.md, "Figures from code comments").
+Values and gradients equal the fused op's to float rounding (tests/test_losses.py).
 """
 
 import keras

@@ -305,7 +305,7 @@ def _float_product(a, b):
 
 def _float(x):
     """x in float32, where the elementwise mathematics runs: TensorFlow's CPU kernels for bfloat16
-    convert every element and run 2-3× slower (sigmoid over a [64, 2048] step: 244 µs against 89)."""
+    convert every element and run slower (benchmarks/RESULTS.md, "Figures from code comments")."""
     return tf.cast(x, tf.float32)
 
 

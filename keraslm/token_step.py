@@ -19,9 +19,9 @@ from keraslm.cells import CELLS
 from keraslm.recurrence import ACTIVATIONS, activated_gates, gru_update, lstm_update
 from keraslm.states import input_name, layer_state_names
 
-# Column blocks per weight matrix. On the 2-core machine this was measured on, 2 and 4 blocks
-# were equally fast at batch 1 (a [512, 2048] product: 119 µs whole, 60 µs in two blocks) and 4
-# was faster at batch 32; more cores on a serving machine can use 4 too.
+# Column blocks per weight matrix: blocks let a batch-1 step's matmuls run on every core. On two
+# cores 2 and 4 blocks were equally fast at batch 1 and 4 was faster at batch 32; more cores on a
+# serving machine can use 4 too (benchmarks/RESULTS.md, "Figures from code comments").
 BLOCKS = 4
 
 

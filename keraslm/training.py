@@ -39,8 +39,9 @@ class Interrupted(Exception):
 
 def bfloat16_is_native():
     """True on a machine without a GPU whose CPU has AMX bfloat16 units (Intel Sapphire Rapids and
-    later): there bfloat16 matmuls run about 4× faster than float32, and mixed precision trains
-    the benchmark configs 1.3-1.9× faster at about the same validation loss (benchmarks/RESULTS.md).
+    later): there bfloat16 matmuls run much faster than float32, and mixed precision trains the
+    benchmark configs faster at about the same validation loss (benchmarks/RESULTS.md, "Training
+    against the PyTorch peer: window kernels and bfloat16").
     Without AMX, bfloat16 is emulated or narrower and not known to win, so float32 stays."""
     if tf.config.list_physical_devices("GPU"):
         return False
@@ -223,7 +224,7 @@ def compile_model(config, strategy, replica_batch_size):
         model = build_training_model(config.model, batch_size=replica_batch_size, kernels=config.train.kernels)
         model.compile(
             optimizer=make_optimizer(config.train),
-            loss=SparseCrossEntropy(),  # Keras' sparse cross-entropy, 2-5× faster on a CPU (losses.py)
+            loss=SparseCrossEntropy(),  # Keras' sparse cross-entropy, faster on a CPU (losses.py)
             jit_compile=config.train.jit_compile,
         )
         # Build the optimizer's slots now, so that even the epoch-0 checkpoint holds all of them.

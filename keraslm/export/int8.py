@@ -17,16 +17,16 @@ def write_onnx_int8(float_path, path):
     """Write model.onnx with its LSTM and projection weights quantized to int8.
 
     At batch 1 a step reads every weight once per token, so its speed is set by how many bytes
-    the weights take: the 2×512 char LSTM's 13.6 MB of float32 do not fit in the cores' caches,
-    3.4 MB of int8 nearly do, and ONNX Runtime's int8 kernels (VNNI / AMX) run the step about 4×
-    faster (benchmarks/RESULTS.md). Activations are quantized per call (dynamic quantization),
+    the weights take: a quarter of the bytes fits the cores' caches far better, and ONNX Runtime's
+    int8 kernels (VNNI / AMX) run the step faster (benchmarks/RESULTS.md, "Generation with int8
+    weights"). Activations are quantized per call (dynamic quantization),
     so no calibration data is needed. GRU and RNN have no int8 kernel in ONNX Runtime; for them
     only the projection is quantized.
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # Per-tensor signed weights without reduce_range: of the four combinations, the closest to
-    # float on a 2×512 LSTM (max |Δ logit| 4.9e-3, against 5.4e-3 to 7.8e-3).
+    # float on a 2×512 LSTM (benchmarks/RESULTS.md, "Figures from code comments").
     quantize_dynamic(float_path, path, weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
 
 
