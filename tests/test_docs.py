@@ -112,10 +112,10 @@ def commands(block):
 
 def all_commands():
     """(file name, command) for every command of every bash block in the docs."""
-    return [(name(path), c) for path in DOCS for block in bash_blocks(path) for c in commands(block)]
+    return [(doc_name(path), c) for path in DOCS for block in bash_blocks(path) for c in commands(block)]
 
 
-def name(path):
+def doc_name(path):
     return path.relative_to(ROOT).as_posix()
 
 
@@ -321,7 +321,7 @@ def test_commands_against_tf_serving_run_against_the_stand_in(name, words, readm
         assert "error" not in json.loads(result.stdout), result.stdout
 
 
-PYTHON = [(name(path), block) for path in DOCS for block in python_blocks(path)]
+PYTHON = [(doc_name(path), block) for path in DOCS for block in python_blocks(path)]
 PYTHON = [(name, block) for name, block in PYTHON if name != "docs/python-api.md"]
 
 
