@@ -2,12 +2,12 @@
 writes nothing (issue #14). The scripts run in-process through `run_main`, as a user's shell runs
 them, so that many combinations fit in a few seconds."""
 
-import importlib.util
+import importlib
 import os
 import signal
 
 import pytest
-from conftest import ROOT, make_run
+from conftest import make_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -60,10 +60,8 @@ GOOD = {
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name[:-3], ROOT / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module behind a script (train.py -> keraslm.commands.train), which holds its main."""
+    return importlib.import_module(f"keraslm.commands.{name[:-3]}")
 
 
 def flags(script):

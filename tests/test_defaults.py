@@ -1,10 +1,9 @@
 """Defaults are defined once, in keraslm.config: `RunConfig()` is what train.py runs without flags,
 `RunConfig.for_level("word")` what it runs with `--level word`, and --help shows the same values."""
 
-import importlib.util
+import importlib
 
 import pytest
-from conftest import ROOT
 
 from keraslm.config import DEFAULT_LEVEL, LEVELS, RunConfig
 
@@ -13,10 +12,8 @@ NO_FLAG = {"vocabulary_size", "source"}
 
 
 def load_train_script():
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The module behind train.py and keraslm-train."""
+    return importlib.import_module("keraslm.commands.train")
 
 
 def setting(config, name):
