@@ -178,6 +178,17 @@ def test_keraslm_commands_parse(name, words, capsys):
         parse_args(argv)
     except SystemExit:
         pytest.fail(f"{name}: {' '.join(words)!r} does not parse: {capsys.readouterr().err.strip()}")
+    # argparse takes an unambiguous prefix of a flag, so the docs must spell each flag in full.
+    flags = options(module, capsys)
+    shortened = [w for w in argv if w.startswith("--") and w.split("=")[0] not in flags]
+    assert not shortened, f"{name}: {' '.join(words)!r} abbreviates {shortened}; spell the flags as --help does"
+
+
+def options(module, capsys):
+    """The flags keraslm.commands.<module>'s parser defines, read from its --help."""
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"keraslm.commands.{module}").parse_args(["--help"])
+    return set(re.findall(r"--[a-z0-9][a-z0-9-]*", capsys.readouterr().out))
 
 
 def repository_path(word):
