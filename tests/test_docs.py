@@ -1,10 +1,11 @@
 """Every command in README.md and docs/*.md is checked, so the docs cannot go stale.
 
-Each command of a ```bash block falls in exactly one group, or test_every_command_is_checked fails
-(so a new command nobody checks fails too):
+Each command of a ```bash block falls in a group, or test_every_command_is_checked fails (so a new
+command nobody checks fails too):
 
 - keraslm's own commands (train.py, export.py, sample.py, keraslm-train/-export/-sample) are parsed
-  by the real parser of keraslm.commands.X: a renamed or removed flag fails;
+  by the real parser of keraslm.commands.X, every flag spelled in full: a renamed or removed flag
+  fails;
 - pip lines name requirement files that exist;
 - the README's train → export → sample block runs for real, on a tiny model, in a temporary folder;
 - commands that talk to TF Serving on localhost run for real against tests/tf_serving_double.py (the
@@ -45,7 +46,7 @@ SMALL_MODEL = [
 # Commands that run for real on the export the README block made (they are quick).
 RUN_ON_THE_EXPORT = [("python", "-m", "keraslm.serving")]
 
-# Commands that cannot run here, each with the test that covers what it does.
+# Commands this file does not run, each with why and the test that covers what it does.
 COVERED_ELSEWHERE = {
     ("docker", "run"): (
         "no Docker engine and no TF Serving binary here; the export is served the way TF Serving loads"
@@ -227,6 +228,16 @@ def test_the_covering_tests_exist(prefix):
     assert (ROOT / path).is_file(), f"{path} does not exist"
     if function:
         assert f"def {function}(" in (ROOT / path).read_text(encoding="utf-8"), f"{test} does not exist"
+
+
+FENCE_LANGUAGES = {"", "bash", "python"}
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
+def test_code_blocks_are_bash_python_or_plain(path):
+    """A command in a ```sh or ```console block would escape this check."""
+    languages = set(re.findall(r"^```(\S*)", path.read_text(encoding="utf-8"), re.M))
+    assert languages <= FENCE_LANGUAGES, f"{path.name}: code blocks in {languages - FENCE_LANGUAGES}"
 
 
 def links(path):
