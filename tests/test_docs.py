@@ -230,11 +230,11 @@ def test_the_covering_tests_exist(prefix):
         assert f"def {function}(" in (ROOT / path).read_text(encoding="utf-8"), f"{test} does not exist"
 
 
-FENCE_LANGUAGES = {"", "bash", "python"}
+FENCE_LANGUAGES = {"", "bash", "python", "text"}
 
 
 @pytest.mark.parametrize("path", DOCS, ids=[p.name for p in DOCS])
-def test_code_blocks_are_bash_python_or_plain(path):
+def test_code_blocks_are_bash_python_or_text(path):
     """A command in a ```sh or ```console block would escape this check."""
     languages = set(re.findall(r"^```(\S*)", path.read_text(encoding="utf-8"), re.M))
     assert languages <= FENCE_LANGUAGES, f"{path.name}: code blocks in {languages - FENCE_LANGUAGES}"
