@@ -1,6 +1,6 @@
 """Generation speed of every backend, and sample.py's start-up time to the first token.
 
-    python benchmarks/generation.py [--hidden-dim 512] [--repeats 5] [--quality-run RUN_DIR]
+    python -m benchmarks.generation [--hidden-dim 512] [--repeats 5] [--quality-run RUN_DIR]
 
 Builds (once, under benchmarks/.models/) a 2-layer char LSTM on Tiny Shakespeare with a two-window
 dry run (the speed of a step does not depend on how well it is trained), exports it, then measures
@@ -30,12 +30,11 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keraslm.runtime import open_backend
+from keraslm.sampling import Sampler, generate
 
-from keraslm.runtime import open_backend  # noqa: E402
-from keraslm.sampling import Sampler, generate  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinyshakespeare", "input.txt")
 

@@ -1,6 +1,6 @@
 """ONNX step graphs per cell: keraslm's fused graph against tf2onnx's conversion, side by side.
 
-    python benchmarks/onnx_cells.py [--hidden-dim 512] [--repeats 5]
+    python -m benchmarks.onnx_cells [--hidden-dim 512] [--repeats 5]
 
 For each cell a 2-layer char model (dry-run weights) is exported; its model.onnx (fused LSTM / GRU /
 RNN operators) and tf2onnx's conversion of the same step function (GRU and SimpleRNN become a
@@ -11,20 +11,17 @@ against Keras, and median microseconds per step.
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
+import onnxruntime
+import tf2onnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import onnxruntime  # noqa: E402
-import tf2onnx  # noqa: E402
-from generation import build_model  # noqa: E402 (also puts the project on sys.path)
-
-from keraslm.export.signatures import ServingFunctions  # noqa: E402
-from keraslm.limits import ServingLimits  # noqa: E402
-from keraslm.runs import load_run  # noqa: E402
-from keraslm.states import state_names  # noqa: E402
+from benchmarks.generation import build_model
+from keraslm.export.signatures import ServingFunctions
+from keraslm.limits import ServingLimits
+from keraslm.runs import load_run
+from keraslm.states import state_names
 
 
 def microseconds_per_step(session, feed, repeats, calls=200):

@@ -2,7 +2,7 @@
 would otherwise run, side by side in one command.
 
     pip install torch==2.13.0          # optional, benchmark-only
-    python benchmarks/train_peers.py [--config word|char|all] [--cells lstm,gru,...] [--repeats N]
+    python -m benchmarks.train_peers [--config word|char|all] [--cells lstm,gru,...] [--repeats N]
                                      [--both-precisions]
 
 Configs:
@@ -43,6 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from keraslm.vocab import Vocabulary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
@@ -88,7 +90,8 @@ def run_keraslm(config, cell, data, extra=()):
 
 def run_pytorch(config, cell, data):
     start = time.perf_counter()
-    command = [sys.executable, __file__, "--pytorch-child", config, cell, data]
+    # As a module from the repository root (cwd), as this benchmark runs, so that keraslm imports.
+    command = [sys.executable, "-m", "benchmarks.train_peers", "--pytorch-child", config, cell, data]
     out = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
     return float(out[-2]), float(out[-1]), time.perf_counter() - start, "float32"
 
@@ -101,9 +104,6 @@ def pytorch_child(config, cell, data):
     """pytorch/examples' word_language_model main.py (and char-rnn's setup), reduced to one config."""
     import torch
     import torch.nn as nn
-
-    sys.path.insert(0, ROOT)
-    from keraslm.vocab import Vocabulary
 
     c = CONFIGS[config]
     torch.manual_seed(1111)
@@ -254,9 +254,6 @@ def compute_bound(config, cell, vocabulary, dtype):
 
 
 def vocabulary_size(config, data):
-    sys.path.insert(0, ROOT)
-    from keraslm.vocab import Vocabulary
-
     return len(Vocabulary.build(open(os.path.join(data, "train.txt"), encoding="utf-8").read(), config))
 
 

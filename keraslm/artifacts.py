@@ -1,5 +1,8 @@
 """The names of the files keraslm writes: a run directory and an exported version, each defined once."""
 
+import datetime
+import os
+
 # A run directory, written by train.py.
 CONFIG = "config.json"
 VOCAB = "vocab.json"
@@ -10,6 +13,7 @@ HISTORY = "history.csv"
 CURVES = "curves.png"
 RESULTS = "results.json"
 TENSORBOARD = "tensorboard"
+RUNS = "runs"  # where a run goes when no run directory is given
 RUN_FILES = (CONFIG, VOCAB, BEST_MODEL, CHECKPOINT, HISTORY, CURVES, RESULTS)
 FINISHED_RUN_FILES = (CONFIG, VOCAB, BEST_MODEL)  # what sample.py and export.py need
 
@@ -19,3 +23,15 @@ EXTRA = "assets.extra"
 DESCRIPTION = "keraslm.json"
 ONNX = "model.onnx"
 INT8_ONNX = "model.int8.onnx"
+
+
+def default_run_dir(config):
+    """runs/NAME-CELL-STAMP for a run given no directory: NAME is the dataset's or the corpus file's name."""
+    source = config.data.source
+    name = (
+        source[len("tfds:") :]
+        if source.startswith("tfds:")
+        else os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
+    )
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return os.path.join(RUNS, f"{name}-{config.model.cell}-{stamp}")

@@ -7,13 +7,12 @@ onnxruntime and NumPy are installed.
 import contextlib
 import sys
 
-import numpy as np
-
 from keraslm.cli import ArgumentParser, run_main
 from keraslm.errors import UsageError
 from keraslm.files import OutputFile
+from keraslm.generator import Generator, check_request
 from keraslm.runtime import BACKENDS, open_backend
-from keraslm.sampling import TOP_K_OFF, TOP_P_OFF, check_memory, generate, make_sampler
+from keraslm.sampling import TOP_K_OFF, TOP_P_OFF, make_sampler
 
 
 def parse_args(argv):
@@ -64,64 +63,41 @@ def parse_args(argv):
 
 
 def check_args(args):
-    if args.num_tokens <= 0:
-        raise UsageError(f"--num-tokens must be positive, got {args.num_tokens}")
-    if args.num_samples <= 0:
-        raise UsageError(f"--num-samples must be positive, got {args.num_samples}")
-    if args.stream and args.num_samples > 1:
-        raise UsageError("--stream prints one sample; drop --num-samples or --stream")
+    """Refuse bad flags before any file is opened or any model loaded."""
+    check_request(args.num_tokens, args.num_samples, args.stream)
     if args.in_graph and args.backend != "savedmodel":
         raise UsageError("--in-graph needs --backend savedmodel")
     if not args.timeout > 0:
         raise UsageError(f"--timeout must be positive, got {args.timeout}")
-    temperature = 0.0 if args.greedy else args.temperature
-    return make_sampler(temperature, args.top_k, args.top_p)
+    make_sampler(temperature(args), args.top_k, args.top_p)
 
 
-def sample_texts(backend, args, sampler):
-    """Continuations of the prompt, one per sample, and the prompt as the model sees it."""
-    vocab = backend.vocab
-    rng = np.random.default_rng(args.seed)
-    ids = vocab.encode_prompt(args.prompt, rng, skip_unknown=args.skip_unknown)
-    prompt = args.prompt if args.prompt else vocab.decode(ids)
-    if args.in_graph:
-        temperature = 0.0 if args.greedy else args.temperature
-        texts, _ = backend.generate_in_graph(
-            [args.prompt] * args.num_samples, args.num_tokens, temperature, args.top_k, args.top_p, args.seed
-        )
-        return prompt, texts
-    on_token = None
-    if args.stream:
-        separator = " " if vocab.level == "word" and prompt and not prompt.endswith(("\n", " ")) else ""
-        sys.stdout.write(prompt + separator)
-        sys.stdout.flush()
-
-        def on_token(column):
-            piece = vocab.decode(column[:1])
-            sys.stdout.write(piece if vocab.level == "char" or piece.endswith("\n") else piece + " ")
-            sys.stdout.flush()
-
-    check_memory(args.num_samples, len(ids), args.num_tokens, len(vocab))
-    batch = np.repeat(ids[None, :], args.num_samples, axis=0)
-    tokens = generate(
-        backend.step, batch, backend.initial_state(args.num_samples), args.num_tokens, sampler, rng, on_token
-    )
-    if args.stream:
-        print()
-    return prompt, [vocab.decode(row) for row in tokens]
+def temperature(args):
+    """The temperature asked for: 0 (greedy) with --greedy."""
+    return 0.0 if args.greedy else args.temperature
 
 
 def main(argv=None):
     args = parse_args(argv)
-    sampler = check_args(args)
+    check_args(args)
     with contextlib.ExitStack() as stack:
         # --out is checked (folder, permissions, kind of file) before any work is done.
         out = stack.enter_context(OutputFile(args.out)) if args.out else None
         backend = open_backend(
             args.model, args.backend, args.server, args.model_name, args.model_version, args.timeout, args.int8
         )
-        prompt, texts = sample_texts(backend, args, sampler)
-        samples = [backend.vocab.join(prompt, text) for text in texts]
+        samples = Generator(backend).generate(
+            args.prompt,
+            args.num_tokens,
+            temperature(args),
+            args.top_k,
+            args.top_p,
+            args.seed,
+            args.num_samples,
+            skip_unknown=args.skip_unknown,
+            in_graph=args.in_graph,
+            stream=sys.stdout if args.stream else None,
+        )
         if out:
             out.write("\n\n".join(samples) + "\n")
     # --out is complete before anything is printed: a reader that stops early loses nothing.

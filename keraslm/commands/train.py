@@ -1,7 +1,6 @@
 """Train a stateful RNN language model: keraslm-train (or python train.py) --help."""
 
 import argparse
-import datetime
 import os
 import sys
 
@@ -167,17 +166,6 @@ def resumed_config(run_dir, given):
     return config
 
 
-def default_run_dir(config):
-    source = config.data.source
-    name = (
-        source[len("tfds:") :]
-        if source.startswith("tfds:")
-        else os.path.splitext(os.path.basename(os.path.normpath(source)))[0]
-    )
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return os.path.join("runs", f"{name}-{config.model.cell}-{stamp}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     given = given_settings(args)
@@ -193,7 +181,7 @@ def main(argv=None):
             raise UsageError(
                 f"{args.run_dir} already holds a run; add --resume to continue it or choose another --run-dir"
             )
-    run_dir = args.run_dir or default_run_dir(config)
+    run_dir = args.run_dir or artifacts.default_run_dir(config)
     verbose = args.verbose if args.verbose is not None else (1 if sys.stdout.isatty() else 2)
 
     from keraslm.training import Interrupted, train  # TensorFlow loads here, after the checks

@@ -13,12 +13,16 @@ renamed into place (`publish`); a failed check leaves nothing behind.
 `export_run` is that sequence of steps; each module does one: `signatures` (ServingFunctions, the
 SavedModel, keraslm.json), `onnx` (model.onnx), `int8` (model.int8.onnx and its check), `checks`
 (parity before publishing) and `publish` (workspace, version numbers, the rename).
+
+Called, the package is the public API's export: `keraslm.export(run_dir)` is `keraslm.api.export(run_dir)`.
 """
 
 import contextlib
 import json
 import os
+import sys
 import time
+import types
 
 import tensorflow as tf
 
@@ -109,3 +113,20 @@ def _report(version_dir, seconds, parity, int8, onnx_proto):
             artifacts.INT8_ONNX: os.path.getsize(os.path.join(extra, artifacts.INT8_ONNX)),
         },
     }
+
+
+class _CallablePackage(types.ModuleType):
+    """This package, callable as keraslm.api.export.
+
+    Python binds every imported submodule to its package's attribute, so once keraslm.export is
+    imported `keraslm.export` is this package whatever keraslm/__init__.py offers; calling it
+    keeps `keraslm.export(run_dir)` the API's export either way.
+    """
+
+    def __call__(self, *args, **kwargs):
+        from keraslm.api import export
+
+        return export(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
