@@ -1,7 +1,7 @@
 """keraslm: stateful recurrent language models in Keras, exported for TF Serving and ONNX Runtime.
 
 The public API (keraslm.api) is imported on first use of its names: `keraslm.train`,
-`keraslm.export`, `keraslm.load` and the config classes. `import keraslm` alone imports nothing
+`keraslm.export_run`, `keraslm.load` and the config classes. `import keraslm` alone imports nothing
 heavy, so an inference-only install (NumPy and ONNX Runtime) imports it as fast as sample.py starts.
 """
 
@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _API = (
     "train",
-    "export",
+    "export_run",
     "load",
     "Generator",
     "RunConfig",
@@ -25,10 +25,6 @@ _API = (
 
 def __getattr__(name):
     """The API's names, imported from keraslm.api when first asked for."""
-    if name == "export":
-        # The subpackage, callable as keraslm.api.export: the import system makes keraslm.export the
-        # subpackage as soon as anything imports it, so it is that from the start.
-        return importlib.import_module("keraslm.export")
     if name in _API:
         return getattr(importlib.import_module("keraslm.api"), name)
     raise AttributeError(f"module 'keraslm' has no attribute {name!r}")

@@ -5,7 +5,7 @@
     config = keraslm.RunConfig.for_level("char")
     config.data.source = "input.txt"
     run_dir = keraslm.train(config, "runs/demo")
-    version_dir = keraslm.export(run_dir, "saved_models", name="demo")
+    version_dir = keraslm.export_run(run_dir, "saved_models", name="demo")
     print(keraslm.load("saved_models/demo").generate("ROMEO:", num_tokens=100, seed=1)[0])
 
 Each function does what its command does (train.py, export.py, sample.py) with the same defaults,
@@ -32,7 +32,7 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "UsageError",
-    "export",
+    "export_run",
     "load",
     "train",
 ]
@@ -67,7 +67,7 @@ def train(config=None, run_dir=None, *, resume=False, dry_run=False, verbose=1):
     return Path(run_dir)
 
 
-def export(run_dir, out="saved_models", name=None, version=None, overwrite=False):
+def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=False):
     """Export a finished run for TF Serving and ONNX Runtime, as export.py does.
 
     Args:
@@ -84,9 +84,9 @@ def export(run_dir, out="saved_models", name=None, version=None, overwrite=False
         ArgumentError, UsageError: not a finished run; an existing version without `overwrite`;
             a failed check; a folder that cannot be written.
     """
-    from keraslm.export import export_run  # TensorFlow loads here
+    from keraslm import export  # TensorFlow loads here
 
-    version_dir, _ = export_run(str(run_dir), str(out), name, version, overwrite)
+    version_dir, _ = export.export_run(str(run_dir), str(out), name, version, overwrite)
     return Path(version_dir)
 
 

@@ -1,6 +1,7 @@
 """The public Python API: docs/python-api.md's example runs as written, `generate` gives sample.py's
 text, errors are raised (not exits), and `import keraslm` stays free of TensorFlow."""
 
+import importlib
 import os
 import re
 import subprocess
@@ -40,7 +41,7 @@ def model(tmp_path_factory):
     """A tiny char run and its export, made through the API."""
     base = tmp_path_factory.mktemp("api")
     run_dir = make_run(base)
-    version_dir = keraslm.export(run_dir, base / "models", name="lm")
+    version_dir = keraslm.export_run(run_dir, base / "models", name="lm")
     return run_dir, version_dir
 
 
@@ -109,7 +110,7 @@ def test_errors_are_raised_naming_the_argument(model, tmp_path):
     with pytest.raises(keraslm.ArgumentError, match="resume needs run_dir"):
         keraslm.train(resume=True)
     with pytest.raises(keraslm.UsageError, match="not a directory"):
-        keraslm.export(tmp_path / "nope", tmp_path / "models")
+        keraslm.export_run(tmp_path / "nope", tmp_path / "models")
 
 
 def test_the_api_names_and_their_classes():
@@ -119,11 +120,10 @@ def test_the_api_names_and_their_classes():
         DataConfig,
         TrainConfig,
     )
-    assert {"train", "export", "load", "Generator", "RunConfig"} <= set(dir(keraslm))
-    # Once imported, the subpackage is keraslm.export; called, it is still the API's export.
-    from keraslm.export import export_run
-
-    assert keraslm.export.export_run is export_run and callable(keraslm.export)
+    assert {"train", "export_run", "load", "Generator", "RunConfig"} <= set(dir(keraslm))
+    # The API's export_run is not shadowed once the keraslm.export subpackage is imported.
+    importlib.import_module("keraslm.export")
+    assert keraslm.export_run is keraslm.api.export_run
     with pytest.raises(AttributeError):
         keraslm.no_such_name  # noqa: B018
 

@@ -20,9 +20,7 @@ Called, the package is the public API's export: `keraslm.export(run_dir)` is `ke
 import contextlib
 import json
 import os
-import sys
 import time
-import types
 
 import tensorflow as tf
 
@@ -113,20 +111,3 @@ def _report(version_dir, seconds, parity, int8, onnx_proto):
             artifacts.INT8_ONNX: os.path.getsize(os.path.join(extra, artifacts.INT8_ONNX)),
         },
     }
-
-
-class _CallablePackage(types.ModuleType):
-    """This package, callable as keraslm.api.export.
-
-    Python binds every imported submodule to its package's attribute, so once keraslm.export is
-    imported `keraslm.export` is this package whatever keraslm/__init__.py offers; calling it
-    keeps `keraslm.export(run_dir)` the API's export either way.
-    """
-
-    def __call__(self, *args, **kwargs):
-        from keraslm.api import export
-
-        return export(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage
