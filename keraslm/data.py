@@ -6,6 +6,7 @@ train.txt / valid.txt / test.txt, or one text file split 90/5/5 in order.
 
 import logging
 import os
+import tempfile
 
 import numpy as np
 
@@ -88,17 +89,7 @@ def _load_tfds(name, data_dir, manual_dir):
     text_keys = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Text)]
     if not text_keys:
         raise UsageError(f"TFDS dataset {name!r} has no text feature (features: {', '.join(builder.info.features)})")
-    try:
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    except Exception as e:
-        default_manual = os.path.join(builder.data_dir_root, "downloads", "manual")
-        raise ArgumentError(
-            "TFDS could not download or prepare {name!r} ({problem}); offline, put its source file in {folder}"
-            " or pass {tfds_manual_dir} DIR (for tiny_shakespeare: the folder holding input.txt)",
-            name=name,
-            problem=first_line(e),
-            folder=manual_dir or default_manual,
-        ) from None
+    _download_and_prepare(builder, name, manual_dir)
     splits = {}
     for split, candidates in TFDS_SPLIT_NAMES.items():
         found = [c for c in candidates if c in builder.info.splits]
@@ -109,6 +100,54 @@ def _load_tfds(name, data_dir, manual_dir):
         # Examples are documents: join them as lines so one stream runs through the split.
         splits[split] = "\n".join(ex[key].decode("utf-8") for ex in tfds.as_numpy(dataset))
     return splits
+
+
+def _download_and_prepare(builder, name, manual_dir):
+    """Have TFDS download and prepare `builder`'s dataset; offline, tiny_shakespeare comes from the
+    copy bundled with keraslm."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    except Exception as e:
+        if manual_dir or builder.name != "tiny_shakespeare":
+            raise _cannot_prepare(builder, name, manual_dir, e) from None
+        _prepare_from_bundled_copy(builder, name, e)
+
+
+def _prepare_from_bundled_copy(builder, name, download_error):
+    """Prepare tiny_shakespeare through TFDS's manual-dir mechanism from keraslm's bundled copy.
+
+    The copy goes to a temporary folder removed afterwards, not TFDS's default manual dir: the
+    prepared dataset in the data dir is all later runs read, and a folder shared with other TFDS
+    users is left as it was.
+    """
+    import tensorflow_datasets as tfds
+
+    from keraslm.corpora import write_tiny_shakespeare
+
+    with tempfile.TemporaryDirectory(prefix="keraslm-tiny-shakespeare-") as folder:
+        write_tiny_shakespeare(folder)
+        try:
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=folder))
+        except Exception as e:
+            raise _cannot_prepare(builder, name, None, e) from None
+    print(
+        f"note: TFDS could not download {name} ({first_line(download_error)}); "
+        "prepared it from the copy bundled with keraslm"
+    )
+
+
+def _cannot_prepare(builder, name, manual_dir, error):
+    """The one-line error for a TFDS dataset that could not be downloaded or prepared."""
+    default_manual = os.path.join(builder.data_dir_root, "downloads", "manual")
+    return ArgumentError(
+        "TFDS could not download or prepare {name!r} ({problem}); offline, put its source file in {folder}"
+        " or pass {tfds_manual_dir} DIR (for tiny_shakespeare: the folder holding input.txt)",
+        name=name,
+        problem=first_line(error),
+        folder=manual_dir or default_manual,
+    )
 
 
 def tbptt_arrays(ids, batch_size, bptt):

@@ -1,26 +1,63 @@
-"""Shared fixtures: paths to the corpora in ../shared/data, a runner for the scripts, tiny runs,
-and a TF Serving stand-in over a session-loaded model."""
+"""Shared fixtures: corpora made from the Tiny Shakespeare bundled with keraslm (nothing outside the
+repository), a runner for the scripts, tiny runs, and a TF Serving stand-in over a session-loaded model."""
 
 import contextlib
+import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from keraslm.corpora import tiny_shakespeare_text, write_tiny_shakespeare
+from keraslm.data import split_text
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-TINY_SHAKESPEARE_DIR = SHARED_DATA / "tinyshakespeare"
-WIKITEXT_DIR = SHARED_DATA / "wikitext-2-mini"
+# No network for a script run with this environment: a proxy nobody listens on makes every download
+# fail at once, as offline. Both spellings, since Python's lower-case one wins where both are set.
+DEAD_PROXY = "http://127.0.0.1:9"
+OFFLINE = {"https_proxy": DEAD_PROXY, "HTTPS_PROXY": DEAD_PROXY, "http_proxy": DEAD_PROXY, "HTTP_PROXY": DEAD_PROXY}
+OFFLINE |= {"no_proxy": "", "NO_PROXY": ""}
+
+
+@functools.cache
+def shakespeare():
+    """The full Tiny Shakespeare corpus, from the copy bundled with keraslm."""
+    return tiny_shakespeare_text()
+
+
+def wikitext_layout(text):
+    """`text` in WikiText's word-level layout: words and punctuation separated by single spaces,
+    every line ending in a newline ("Nay , but speak not maliciously .")."""
+    return "".join(" ".join(re.findall(r"\w+(?:'\w+)*|[^\w\s]", line)) + "\n" for line in text.splitlines())
 
 
 @pytest.fixture(scope="session")
 def shakespeare_text():
     """The full Tiny Shakespeare corpus."""
-    return (TINY_SHAKESPEARE_DIR / "input.txt").read_text(encoding="utf-8")
+    return shakespeare()
+
+
+@pytest.fixture(scope="session")
+def tiny_shakespeare_dir(tmp_path_factory):
+    """A folder holding the bundled corpus as input.txt: TFDS's manual dir for tiny_shakespeare."""
+    folder = tmp_path_factory.mktemp("tinyshakespeare")
+    write_tiny_shakespeare(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir(tmp_path_factory):
+    """A word-level corpus folder in WikiText's layout (train.txt, valid.txt, test.txt), made from
+    Tiny Shakespeare split 90/5/5."""
+    folder = tmp_path_factory.mktemp("wikitext-layout")
+    for name, text in split_text(shakespeare()).items():
+        (folder / f"{name}.txt").write_text(wikitext_layout(text), encoding="utf-8")
+    return folder
 
 
 def run_script(*args, timeout=600, env=None, **kwargs):
@@ -60,8 +97,8 @@ def make_run(
 
     directory.mkdir(parents=True, exist_ok=True)
     corpus = directory / "corpus.txt"
-    source = TINY_SHAKESPEARE_DIR / "input.txt" if level == "char" else WIKITEXT_DIR / "train.txt"
-    corpus.write_text(source.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    text = shakespeare()[:40_000]
+    corpus.write_text(text if level == "char" else wikitext_layout(text), encoding="utf-8")
     # The fixtures' tiny models keep no dropout and Keras' initialisers, as they were made before
     # the dataclasses' defaults became the command line's (issue #15).
     model_settings = {"dropout": 0.0, "init": "keras"} | (model_overrides or {})

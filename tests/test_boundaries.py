@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, assert_one_line_error, error_lines, make_run, run_script
+from conftest import ROOT, assert_one_line_error, error_lines, make_run, run_script, shakespeare
 
 from keraslm import locks
 from keraslm.cli import message
@@ -228,7 +228,7 @@ def test_version_numbers_are_those_tf_serving_reads(tmp_path, exported):
 
 def test_one_training_per_run_directory(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text((ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt").read_text()[:20_000])
+    corpus.write_text(shakespeare()[:20_000])
     run_dir = tmp_path / "run"
     with locks.locked_directory(str(run_dir)):
         result = run_script("train.py", "--data", corpus, "--run-dir", run_dir, *SMALL)

@@ -2,7 +2,6 @@ import string
 
 import numpy as np
 import pytest
-from conftest import TINY_SHAKESPEARE_DIR, WIKITEXT_DIR
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,14 +64,14 @@ def test_single_file_splits_90_5_5_in_order():
     assert splits == {"train": "x" * 90, "valid": "y" * 5, "test": "z" * 5}
 
 
-def test_directory_source_reads_train_valid_test():
-    splits = load_corpus(DataConfig(source=str(WIKITEXT_DIR)))
+def test_directory_source_reads_train_valid_test(wikitext_dir):
+    splits = load_corpus(DataConfig(source=str(wikitext_dir)))
     assert set(splits) == {"train", "valid", "test"}
-    assert splits["valid"] == (WIKITEXT_DIR / "valid.txt").read_text(encoding="utf-8")
+    assert splits["valid"] == (wikitext_dir / "valid.txt").read_text(encoding="utf-8")
 
 
-def test_tfds_tiny_shakespeare_offline_through_the_manual_dir(tmp_path, shakespeare_text):
-    config = DataConfig(tfds_manual_dir=str(TINY_SHAKESPEARE_DIR), tfds_data_dir=str(tmp_path))
+def test_tfds_tiny_shakespeare_offline_through_the_manual_dir(tmp_path, shakespeare_text, tiny_shakespeare_dir):
+    config = DataConfig(tfds_manual_dir=str(tiny_shakespeare_dir), tfds_data_dir=str(tmp_path))
     splits = load_corpus(config)
     assert [len(splits[s]) for s in ("train", "valid", "test")] == [1_003_854, 55_770, 55_770]
     assert splits["train"] == shakespeare_text[:1_003_854]

@@ -11,7 +11,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, TINY_SHAKESPEARE_DIR, error_lines, run_script
+from conftest import ROOT, error_lines, run_script, shakespeare
 
 DRIVER = textwrap.dedent(
     """
@@ -21,7 +21,6 @@ DRIVER = textwrap.dedent(
     if sys.argv[2] == "mirrored":  # two replicas on one machine: two logical CPU devices
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    sys.path.insert(0, {root!r})
     from keraslm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from keraslm.training import train
 
@@ -54,14 +53,19 @@ DRIVER = textwrap.dedent(
 def driver(tmp_path_factory):
     base = tmp_path_factory.mktemp("distribute")
     corpus = base / "corpus.txt"
-    corpus.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:40_000])
+    corpus.write_text(shakespeare()[:40_000])
     path = base / "driver.py"
-    path.write_text(DRIVER.format(root=str(ROOT), corpus=str(corpus)))
+    path.write_text(DRIVER.format(corpus=str(corpus)))
     return path
 
 
+def driver_env():
+    """The environment a driver runs in: keraslm importable from the repository, as from its root."""
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+
 def train(driver, run_dir, strategy, epochs, cell="lstm", resume=False):
-    result = run_script(driver, run_dir, strategy, epochs, "resume" if resume else "new", cell)
+    result = run_script(driver, run_dir, strategy, epochs, "resume" if resume else "new", cell, env=driver_env())
     assert result.returncode == 0, result.stderr[-3000:]
     with open(run_dir / "history.csv") as f:
         return [(float(r["loss"]), float(r["val_loss"])) for r in csv.DictReader(f)]
@@ -111,7 +115,7 @@ def train_multi_worker(driver, run_dir, epochs, workers=2):
     processes = []
     for index in range(workers):
         tf_config = {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config)}
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "TF_CONFIG": json.dumps(tf_config), **driver_env()}
         command = [sys.executable, str(driver), str(run_dir), "multi-worker", str(epochs), "new", "lstm"]
         processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for process in processes:

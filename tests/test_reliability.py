@@ -11,7 +11,7 @@ import zipfile
 
 import keras
 import pytest
-from conftest import ROOT, TINY_SHAKESPEARE_DIR, assert_one_line_error, make_run, run_script
+from conftest import OFFLINE, ROOT, assert_one_line_error, make_run, run_script, shakespeare
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,7 @@ SMALL = ["--hidden-dim", "32", "--embedding-dim", "16", "--sample-tokens", "0", 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:60_000])
+    path.write_text(shakespeare()[:60_000])
     return path
 
 
@@ -45,14 +45,24 @@ def test_bad_corpora(tmp_path):
         (["--data", tmp_path / "latin1.txt"], ["not valid utf-8", "line 1", "--encoding"]),
         (["--dataset", "tfds:no_such_dataset_xyz", "--tfds-data-dir", tmp_path / "tfds"], ["no dataset"]),
         (["--dataset", "tfds:mnist", "--tfds-data-dir", tmp_path / "tfds"], ["no text feature"]),
-        (["--tfds-data-dir", tmp_path / "tfds"], ["could not download", "--tfds-manual-dir"]),
+        # Offline, tiny_shakespeare comes from the bundled copy (tests/test_train_script.py) unless
+        # a manual dir is given; any other dataset TFDS cannot download is refused. imdb_reviews is
+        # known to TFDS without network.
+        (
+            ["--tfds-manual-dir", tmp_path / "nothing", "--tfds-data-dir", tmp_path / "tfds"],
+            ["could not download or prepare 'tiny_shakespeare'", str(tmp_path / "nothing")],
+        ),
+        (
+            ["--dataset", "tfds:imdb_reviews", "--tfds-data-dir", tmp_path / "tfds"],
+            ["could not download or prepare 'imdb_reviews'", "--tfds-manual-dir"],
+        ),
         (["--level", "byte"], ["invalid choice"]),
         (["--lr", "-1"], ["--lr"]),
         (["--batch-size", "0"], ["--batch-size"]),
         (["--hidden-dim", "-3"], ["--hidden-dim"]),
     ]
     for args, fragments in cases:
-        result = run_script("train.py", *args, "--run-dir", tmp_path / "run")
+        result = run_script("train.py", *args, "--run-dir", tmp_path / "run", env=OFFLINE)
         assert_one_line_error(result, *fragments)
         assert not (tmp_path / "run").exists()
 

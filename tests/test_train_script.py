@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, TINY_SHAKESPEARE_DIR, WIKITEXT_DIR, error_lines, run_script
+from conftest import OFFLINE, ROOT, error_lines, run_script, shakespeare
 
 RUN_FILES = {
     "config.json",
@@ -29,12 +29,12 @@ def history(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_char_level_through_the_tfds_manual_dir(tmp_path):
+def test_char_level_through_the_tfds_manual_dir(tmp_path, tiny_shakespeare_dir):
     run_dir = tmp_path / "run"
     result = run_script(
         "train.py",
         "--tfds-manual-dir",
-        TINY_SHAKESPEARE_DIR,
+        tiny_shakespeare_dir,
         "--tfds-data-dir",
         tmp_path / "tfds",
         "--dry-run",
@@ -55,12 +55,41 @@ def test_char_level_through_the_tfds_manual_dir(tmp_path):
     assert set(json.loads((run_dir / "results.json").read_text())) >= {"test_loss", "test_perplexity", "test_bpc"}
 
 
-def test_word_level_on_wikitext(tmp_path):
+def test_offline_tiny_shakespeare_is_prepared_from_the_bundled_copy(tmp_path):
+    run_dir, temporary = tmp_path / "run", tmp_path / "tmp"
+    temporary.mkdir()
+    result = run_script(
+        "train.py",
+        "--tfds-data-dir",
+        tmp_path / "tfds",
+        "--dry-run",
+        "--epochs",
+        "1",
+        "--run-dir",
+        run_dir,
+        *SMALL,
+        env=OFFLINE | {"TMPDIR": str(temporary)},
+    )
+    assert result.returncode == 0, result.stderr
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1, result.stdout
+    assert notes[0].startswith("note: TFDS could not download tiny_shakespeare (")
+    assert notes[0].endswith("prepared it from the copy bundled with keraslm")
+    # TFDS's own 90/5/5 split, prepared into the data dir; the bundled copy's folder is gone.
+    assert "tokens train/valid/test 1,003,854/55,770/55,770" in result.stdout
+    assert (tmp_path / "tfds" / "tiny_shakespeare").is_dir()
+    assert not list(temporary.glob("keraslm-tiny-shakespeare-*"))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["data"]["source"] == "tfds:tiny_shakespeare" and config["model"]["vocabulary_size"] == 65
+    assert [r["epoch"] for r in history(run_dir)] == ["1"]
+
+
+def test_word_level_on_wikitext(tmp_path, wikitext_dir):
     run_dir = tmp_path / "run"
     result = run_script(
         "train.py",
         "--data",
-        WIKITEXT_DIR,
+        wikitext_dir,
         "--level",
         "word",
         "--dry-run",
@@ -92,7 +121,7 @@ def test_word_level_on_wikitext(tmp_path):
 def test_resume_continues_from_the_right_epoch(tmp_path):
     run_dir = tmp_path / "run"
     data = tmp_path / "corpus.txt"
-    data.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:60_000])
+    data.write_text(shakespeare()[:60_000])
     first = run_script("train.py", "--data", data, "--epochs", "1", "--run-dir", run_dir, *SMALL)
     assert first.returncode == 0, first.stderr
     again = run_script("train.py", "--data", data, "--epochs", "3", "--run-dir", run_dir, *SMALL, "--resume")
@@ -105,7 +134,7 @@ def test_resume_continues_from_the_right_epoch(tmp_path):
 
 def test_same_seed_same_run_and_options_that_change_the_step(tmp_path):
     data = tmp_path / "corpus.txt"
-    data.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:30_000])
+    data.write_text(shakespeare()[:30_000])
     losses = []
     for name, extra in (("a", []), ("b", []), ("xla", ["--jit-compile"]), ("bf16", ["--mixed-precision"])):
         result = run_script(
@@ -136,7 +165,7 @@ def test_same_seed_same_run_and_options_that_change_the_step(tmp_path):
 def test_ctrl_c_keeps_a_resumable_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     data = tmp_path / "corpus.txt"
-    data.write_text((TINY_SHAKESPEARE_DIR / "input.txt").read_text()[:60_000])
+    data.write_text(shakespeare()[:60_000])
     args = ["train.py", "--data", data, "--epochs", "50", "--run-dir", run_dir, *SMALL]
     proc = subprocess.Popen(
         [sys.executable, *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
