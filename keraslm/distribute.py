@@ -53,7 +53,9 @@ def check_tf_config():
         if task["type"] != "worker" or not 0 <= int(task["index"]) < len(workers):
             raise ValueError("task must be a worker listed in the cluster")
     except (ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"TF_CONFIG is not a worker cluster description ({e!s}); see the README") from None
+        raise UsageError(
+            f"TF_CONFIG is not a worker cluster description ({e!s}); see docs/distributed-and-gpu.md"
+        ) from None
 
 
 def is_multi_worker(strategy):

@@ -4,8 +4,8 @@ REST (`POST /v1/models/NAME[/versions/V]:predict`) uses the columnar `inputs` fo
 format (`instances`) needs every input to share a batch dimension, which the scalar inputs of
 `generate` (max_new_tokens, temperature, …) do not have. gRPC builds a `PredictRequest` with one
 TensorProto per input. The same functions serve sample.py's tf-serving backend (sent by
-serving_client.py), the README's examples (`python -m keraslm.serving VERSION_DIR` prints them) and
-the tests.
+serving_client.py), docs/export-and-serving.md's examples (`python -m keraslm.serving VERSION_DIR`
+prints them) and the tests.
 """
 
 import json
@@ -96,7 +96,8 @@ def generate_inputs(prompts, max_new_tokens=50, temperature=0.8, top_k=0, top_p=
 
 
 def examples(description, prompts=("ROMEO:",), tokens=((0, 1, 2),)):
-    """The README's request examples for an export: {signature: REST body} for both signatures."""
+    """The request examples of docs/export-and-serving.md for an export: {signature: REST body} for both
+    signatures."""
     return {
         STEP_SIGNATURE: rest_body(STEP_SIGNATURE, step_inputs(description, tokens)),
         GENERATE_SIGNATURE: rest_body(GENERATE_SIGNATURE, generate_inputs(list(prompts))),

@@ -1,8 +1,8 @@
 """TF Serving request bodies (REST columnar JSON and gRPC PredictRequest) against the real signatures.
 
-No TF Serving binary runs on these machines: these tests check the bodies the README shows against
-the signature_defs of the SavedModel loaded as TF Serving loads it (names, dtypes, shapes), and run
-them on the decoded inputs the way the server would.
+No TF Serving binary runs on these machines: these tests check the bodies docs/export-and-serving.md
+shows against the signature_defs of the SavedModel loaded as TF Serving loads it (names, dtypes,
+shapes), and run them on the decoded inputs the way the server would.
 """
 
 import json
