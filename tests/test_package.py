@@ -188,4 +188,4 @@ def test_the_documented_inference_install_from_the_registry(export, tmp_path):
     assert_samples_without_tensorflow(venv, export, tmp_path)
     megabytes = int(run(["du", "-sm", venv], cwd=tmp_path).stdout.split()[0])
     print(f"inference-only venv: {megabytes} MB")
-    assert megabytes < 250  # the size the README states, with room for newer wheels; the full install is over 2 GB
+    assert megabytes < 250  # RESULTS.md "Install sizes", with room for newer wheels
