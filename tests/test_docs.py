@@ -61,6 +61,14 @@ COVERED_ELSEWHERE = {
         "lists what saved_model_cli run reads; both signatures are run through it",
         "tests/test_serving_loader.py::test_saved_model_cli_runs_both_signatures",
     ),
+    ("npm", "install", "--prefix", "tests/node"): (
+        "installs onnxruntime-node from the npm registry; the slow test runs npm install --ignore-scripts in a copy of tests/node",
+        "tests/test_node_client.py::test_node_greedy_text_matches_sample_py",
+    ),
+    ("node", "tests/node/greedy.mjs"): (
+        "needs the npm install above; the slow test runs it on char and word exports against sample.py",
+        "tests/test_node_client.py::test_node_greedy_text_matches_sample_py",
+    ),
     ("python", "-m", "pytest"): ("the test suite itself: CI runs the README's test command as written", ".ci/run"),
 }
 
