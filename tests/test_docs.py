@@ -62,7 +62,8 @@ COVERED_ELSEWHERE = {
         "tests/test_serving_loader.py::test_saved_model_cli_runs_both_signatures",
     ),
     ("npm", "install", "--prefix", "tests/node"): (
-        "installs onnxruntime-node from the npm registry; the slow test runs npm install --ignore-scripts in a copy of tests/node",
+        "installs onnxruntime-node from the npm registry; the slow test runs npm install --ignore-scripts"
+        " in a copy of tests/node",
         "tests/test_node_client.py::test_node_greedy_text_matches_sample_py",
     ),
     ("node", "tests/node/greedy.mjs"): (
