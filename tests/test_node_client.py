@@ -26,7 +26,7 @@ NUM_TOKENS = 40
 # continuation) and, at word level, a word outside the vocabulary (<unk>).
 PROMPTS = {
     "char": ["ROMEO:", "", "ROMEO:\n"],
-    "word": ["the king", "", "the king\n", "zyzzyva the"],
+    "word": ["the king", "", "the king\n", "zyzzyva the", "the\x1cking\u3000the\x85king"],
 }
 CASES = [(level, prompt) for level, prompts in PROMPTS.items() for prompt in prompts]
 

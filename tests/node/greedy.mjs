@@ -18,12 +18,15 @@ const EOS = "<eos>";
 
 class UsageError extends Error {}
 
+// Python's str.isspace() characters: JavaScript's \s differs (it has U+FEFF, lacks U+001C-U+001F and U+0085).
+const PYTHON_SPACE = /[\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+/;
+
 // keraslm.vocab.words: whitespace split, <eos> for every newline (none after the last line).
 function words(text) {
   const lines = text.split("\n");
   const out = [];
   lines.forEach((line, i) => {
-    out.push(...line.split(/\s+/).filter((w) => w !== ""));
+    out.push(...line.split(PYTHON_SPACE).filter((w) => w !== ""));
     if (i < lines.length - 1) out.push(EOS);
   });
   return out;
