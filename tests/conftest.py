@@ -3,8 +3,10 @@ repository), a runner for the scripts, tiny runs, and a TF Serving stand-in over
 
 import contextlib
 import functools
+import importlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +76,34 @@ def run_script(*args, timeout=600, env=None, **kwargs):
     return subprocess.run(
         [sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kwargs
     )
+
+
+def run_command(script, argv, capsys):
+    """Run a script's main (train.py → keraslm.commands.train) through run_main in this process, as
+    its script does but without a new interpreter and TensorFlow import per call; return (exit code,
+    stdout, non-empty stderr lines). run_main's signal handlers are undone afterwards."""
+    from keraslm.cli import run_main
+
+    command = importlib.import_module(f"keraslm.commands.{script.removesuffix('.py')}")
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    code = 0
+    try:
+        run_main(command.main, [str(arg) for arg in argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+    captured = capsys.readouterr()
+    return code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
+
+
+def assert_one_line_refusal(outcome, *fragments):
+    """assert_one_line_error for run_command's (exit code, stdout, stderr lines)."""
+    code, _, lines = outcome
+    assert code == 2 and len(lines) == 1, lines
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 def error_lines(stderr):

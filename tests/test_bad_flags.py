@@ -2,16 +2,12 @@
 writes nothing (issue #14). The scripts run in-process through `run_main`, as a user's shell runs
 them, so that many combinations fit in a few seconds."""
 
-import importlib
 import os
-import signal
 
 import pytest
-from conftest import make_run
+from conftest import make_run, run_command
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from keraslm.cli import run_main
 
 # flag → values that are each wrong on their own.
 BAD = {
@@ -59,11 +55,6 @@ GOOD = {
 }
 
 
-def load_script(name):
-    """The module behind a script (train.py -> keraslm.commands.train), which holds its main."""
-    return importlib.import_module(f"keraslm.commands.{name[:-3]}")
-
-
 def flags(script):
     """Argument lists with at least one bad value, and maybe some good ones."""
     bad = st.dictionaries(st.sampled_from(sorted(BAD[script])), st.none(), min_size=1, max_size=3).flatmap(
@@ -88,19 +79,6 @@ def workspace(tmp_path_factory):
     return {"run": run_dir, "export": version_dir, "corpus": base / "corpus.txt", "out": out}
 
 
-def run(script, argv, capsys):
-    """Run a script's main through run_main; return (exit code, stdout, stderr lines)."""
-    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run_main(load_script(script).main, argv)
-    finally:
-        signal.signal(signal.SIGINT, handlers[0])
-        signal.signal(signal.SIGTERM, handlers[1])
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, [line for line in captured.err.splitlines() if line.strip()]
-
-
 def fixed_arguments(script, workspace):
     out = workspace["out"]
     if script == "train.py":
@@ -116,7 +94,7 @@ def test_bad_flag_values_end_in_one_line_and_write_nothing(script, workspace, ca
     @given(flags(script))
     def check(chosen):
         argv = fixed_arguments(script, workspace) + [token for item in chosen.items() for token in item]
-        code, stdout, stderr = run(script, argv, capsys)
+        code, stdout, stderr = run_command(script, argv, capsys)
         assert code == 2 and len(stderr) == 1 and stdout == "", (argv, stderr)
         assert "error" in stderr[0] and "Traceback" not in stderr[0]
         assert os.listdir(workspace["out"]) == [], argv

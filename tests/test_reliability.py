@@ -11,7 +11,16 @@ import zipfile
 
 import keras
 import pytest
-from conftest import OFFLINE, ROOT, assert_one_line_error, make_run, run_script, shakespeare
+from conftest import (
+    OFFLINE,
+    ROOT,
+    assert_one_line_error,
+    assert_one_line_refusal,
+    make_run,
+    run_command,
+    run_script,
+    shakespeare,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +44,7 @@ def history(run_dir):
 # 1. Bad input: one line naming the problem and the fix, exit code 2, nothing written.
 
 
-def test_bad_corpora(tmp_path):
+def test_bad_corpora(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "binary.bin").write_bytes(bytes(range(256)) * 40)
     (tmp_path / "latin1.txt").write_bytes("naïve café\n".encode("latin-1") * 500)
@@ -61,36 +70,47 @@ def test_bad_corpora(tmp_path):
         (["--batch-size", "0"], ["--batch-size"]),
         (["--hidden-dim", "-3"], ["--hidden-dim"]),
     ]
-    for args, fragments in cases:
-        result = run_script("train.py", *args, "--run-dir", tmp_path / "run", env=OFFLINE)
-        assert_one_line_error(result, *fragments)
+    # The first case as the user runs it, the rest in this process: each new interpreter would
+    # import TensorFlow again for the same one-line answer.
+    (first_args, first_fragments), *others = cases
+    result = run_script("train.py", *first_args, "--run-dir", tmp_path / "run", env=OFFLINE)
+    assert_one_line_error(result, *first_fragments)
+    assert not (tmp_path / "run").exists()
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    for args, fragments in others:
+        assert_one_line_refusal(run_command("train.py", [*args, "--run-dir", tmp_path / "run"], capsys), *fragments)
         assert not (tmp_path / "run").exists()
 
 
-def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, corpus):
+def test_resume_refuses_a_missing_or_foreign_checkpoint(tmp_path, corpus, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     assert_one_line_error(run_script("train.py", "--resume", "--run-dir", run_dir), "config.json")
+    # The rest in this process (run_command), as train.py runs it, without a TensorFlow import each.
     assert (
-        run_script("train.py", "--data", corpus, "--epochs", "1", "--run-dir", tmp_path / "a", *SMALL).returncode == 0
+        run_command("train.py", ["--data", corpus, "--epochs", "1", "--run-dir", tmp_path / "a", *SMALL], capsys)[0]
+        == 0
     )
     (tmp_path / "a" / "checkpoint.keras").unlink()
-    assert_one_line_error(run_script("train.py", "--resume", "--run-dir", tmp_path / "a"), "no checkpoint")
+    assert_one_line_refusal(run_command("train.py", ["--resume", "--run-dir", tmp_path / "a"], capsys), "no checkpoint")
     # A vocabulary swapped under the checkpoint (same size, other tokens) is refused too.
     assert (
-        run_script("train.py", "--data", corpus, "--epochs", "1", "--run-dir", tmp_path / "b", *SMALL).returncode == 0
+        run_command("train.py", ["--data", corpus, "--epochs", "1", "--run-dir", tmp_path / "b", *SMALL], capsys)[0]
+        == 0
     )
+    resume_b = ["--resume", "--run-dir", tmp_path / "b"]
     config_path = tmp_path / "b" / "config.json"
     original = config_path.read_text()
     edited = json.loads(original)
     edited["train"]["lr"] = 0.5  # config.json no longer matches the checkpoint written with it
     config_path.write_text(json.dumps(edited))
-    assert_one_line_error(run_script("train.py", "--resume", "--run-dir", tmp_path / "b"), "another configuration")
+    assert_one_line_refusal(run_command("train.py", resume_b, capsys), "another configuration")
     config_path.write_text(original)
     vocab = json.loads((tmp_path / "b" / "vocab.json").read_text())
     vocab["tokens"][-1] = "\u2603"
     (tmp_path / "b" / "vocab.json").write_text(json.dumps(vocab))
-    assert_one_line_error(run_script("train.py", "--resume", "--run-dir", tmp_path / "b"), "vocabulary")
+    assert_one_line_refusal(run_command("train.py", resume_b, capsys), "vocabulary")
 
 
 @pytest.fixture(scope="module")
