@@ -96,6 +96,13 @@ def run(repo, corpus, level, cache, scratch):
     return seconds, usage.ru_maxrss * 1024, tokens, summary  # ru_maxrss is in KiB on Linux
 
 
+def takes_token_cache(repo):
+    """Whether the checkout's train.py has --token-cache (asked through --help: since the package
+    layout, train.py is a thin entry point and its flags live in keraslm/commands/train.py)."""
+    shown = subprocess.run([sys.executable, "train.py", "--help"], cwd=repo, capture_output=True, text=True)
+    return "--token-cache" in shown.stdout
+
+
 def row(size, level, kind, measured):
     """A table row from run()'s figures."""
     seconds, rss, tokens, summary = measured
@@ -116,8 +123,7 @@ def main():
     args = p.parse_args()
     work = args.work_dir or os.path.join(tempfile.gettempdir(), "keraslm-data-prep")
     os.makedirs(work, exist_ok=True)
-    with open(os.path.join(args.repo, "train.py"), encoding="utf-8") as f:
-        has_cache = "--token-cache" in f.read()
+    has_cache = takes_token_cache(args.repo)
     print("| text | level | run | whole run (s) | peak RSS (GB) | train tokens | preparation | token files |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in args.sizes.split(","):
