@@ -11,10 +11,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_refusal, run_command, shakespeare, wikitext_layout
+from conftest import ROOT, assert_one_line_refusal, run_command, shakespeare, tf_serving_double, wikitext_layout
 
 import keraslm
 from keraslm.data import split_text
+from keraslm.files import OutputFile
 from keraslm.scoring import encode
 from keraslm.vocab import Vocabulary
 
@@ -23,14 +24,21 @@ HEAVY = ("tensorflow", "keras", "tensorflow_datasets", "matplotlib", "onnx")
 
 def trained_run(directory, level):
     """A tiny model trained one whole epoch (no --dry-run: results.json's test loss then covers the
-    whole test split) on 20,000 characters of Tiny Shakespeare, and its export."""
+    whole test split) on 20,000 characters of Tiny Shakespeare, and its export. The char model's
+    corpus is one file (split 90/5/5), the word model's a train/valid/test folder in WikiText's layout."""
     from keraslm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from keraslm.training import train
 
     directory.mkdir(parents=True)
-    corpus = directory / "corpus.txt"
     text = shakespeare()[:20_000]
-    corpus.write_text(text if level == "char" else wikitext_layout(text), encoding="utf-8")
+    if level == "char":
+        corpus = directory / "corpus.txt"
+        corpus.write_text(text, encoding="utf-8")
+    else:
+        corpus = directory / "corpus"
+        corpus.mkdir()
+        for name, split in split_text(text).items():
+            (corpus / f"{name}.txt").write_text(wikitext_layout(split), encoding="utf-8")
     config = RunConfig(
         model=ModelConfig(cell="lstm", num_layers=1, embedding_dim=8, hidden_dim=16, dropout=0.0, init="keras"),
         data=DataConfig(source=str(corpus), level=level),
@@ -73,6 +81,16 @@ def test_the_test_split_gives_results_json_test_loss_on_every_backend(char_model
     assert score.loss == pytest.approx(results_test_loss(run_dir), rel=1e-3)
     # 5% of 20,000 characters; the windows of 4 × 10 score all but the last 39 targets.
     assert (score.tokens, score.unscored, score.level) == (960, 39, "char")
+
+
+def test_tf_serving_scores_as_onnx_over_rest_and_grpc(char_model):
+    _, version_dir = char_model
+    local = keraslm.score(version_dir, split="test")
+    with tf_serving_double(version_dir) as (rest, grpc, _):
+        for server in (rest, grpc):
+            remote = keraslm.score(version_dir, split="test", backend="tf-serving", server=server, model_name="lm")
+            assert remote.tokens == local.tokens
+            assert remote.loss == pytest.approx(local.loss, rel=1e-5)
 
 
 def test_word_level_test_split_gives_results_json_test_loss(word_model):
@@ -209,6 +227,20 @@ def test_the_onnx_backend_scores_without_tensorflow(char_model):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]", result.stdout
+
+
+def test_per_token_lines_that_fail_midway_leave_the_old_file(tmp_path):
+    target = tmp_path / "tokens.jsonl"
+    target.write_text("old\n")
+
+    def lines():
+        yield '{"position": 1}\n'
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt), OutputFile(target, "per_token") as out:
+        out.write(lines())
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokens.jsonl"]  # no temporary left
 
 
 def peak_memory_of_encoding(chunks, count, path):
