@@ -59,11 +59,6 @@ class Score:
         """loss / ln 2 at char level (bits per character), else None."""
         return self.loss / math.log(2) if self.level == "char" else None
 
-    def to_dict(self):
-        """A JSON-ready dict of the figures."""
-        figures = dataclasses.asdict(self) | {"perplexity": self.perplexity}
-        return figures | ({"bpc": self.bits_per_char} if self.level == "char" else {})
-
 
 def model_config(model):
     """The RunConfig of MODEL (an export or a run directory), read without loading the model."""

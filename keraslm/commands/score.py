@@ -30,8 +30,8 @@ def parse_args(argv):
     )
     p.add_argument("--data", metavar="PATH", help="--split: the corpus's path, if it moved since training")
     p.add_argument("--backend", choices=BACKENDS, help="runtime (default: onnx for an export, keras for a run)")
-    p.add_argument("--batch-size", type=int, help="columns the text is cut into (default: the model's)")
-    p.add_argument("--bptt", type=int, help="tokens per window (default: the model's)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="columns the text is cut into (default: the model's)")
+    p.add_argument("--bptt", type=int, metavar="N", help="tokens per window (default: the model's)")
     p.add_argument(
         "--skip-unknown",
         action="store_true",
