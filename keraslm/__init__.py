@@ -1,8 +1,9 @@
 """keraslm: stateful recurrent language models in Keras, exported for TF Serving and ONNX Runtime.
 
 The public API (keraslm.api) is imported on first use of its names: `keraslm.train`,
-`keraslm.export_run`, `keraslm.load` and the config classes. `import keraslm` alone imports nothing
-heavy, so an inference-only install (NumPy and ONNX Runtime) imports it as fast as sample.py starts.
+`keraslm.export_run`, `keraslm.load`, `keraslm.score` and the config classes. `import keraslm`
+alone imports nothing heavy, so an inference-only install (NumPy and ONNX Runtime) imports it as
+fast as sample.py starts.
 """
 
 import importlib
@@ -13,7 +14,9 @@ _API = (
     "train",
     "export_run",
     "load",
+    "score",
     "Generator",
+    "Score",
     "RunConfig",
     "ModelConfig",
     "DataConfig",

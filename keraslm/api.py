@@ -1,4 +1,4 @@
-"""keraslm's Python API: train a run from a config, export it, open an export and generate.
+"""keraslm's Python API: train a run from a config, export it, open an export and generate, score a text.
 
     import keraslm
 
@@ -7,8 +7,9 @@
     run_dir = keraslm.train(config, "runs/demo")
     version_dir = keraslm.export_run(run_dir, "saved_models", name="demo")
     print(keraslm.load("saved_models/demo").generate("ROMEO:", num_tokens=100, seed=1)[0])
+    print(keraslm.score("saved_models/demo", split="test").loss)  # results.json's test loss
 
-Each function does what its command does (train.py, export.py, sample.py) with the same defaults,
+Each function does what its command does (train.py, export.py, sample.py, score.py) with the same defaults,
 but raises instead of exiting: a bad argument is an ArgumentError (a ValueError) naming the
 argument as Python spells it, other bad input a UsageError. `import keraslm` loads none of this:
 keraslm/__init__.py imports this module on first use, and TensorFlow loads only inside `train` and
@@ -23,6 +24,7 @@ from keraslm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from keraslm.errors import ArgumentError, UsageError
 from keraslm.generator import Generator
 from keraslm.runtime import open_backend
+from keraslm.scoring import Score, score_model
 
 __all__ = [
     "ArgumentError",
@@ -30,10 +32,12 @@ __all__ = [
     "Generator",
     "ModelConfig",
     "RunConfig",
+    "Score",
     "TrainConfig",
     "UsageError",
     "export_run",
     "load",
+    "score",
     "train",
 ]
 
@@ -107,3 +111,23 @@ def load(model, backend=None, **options):
         returns a list of texts, the same texts sample.py prints for the same settings.
     """
     return Generator(open_backend(str(model), backend, **options))
+
+
+def score(model, text=None, *, split=None, backend=None, batch_size=None, bptt=None, **options):
+    """Score a model on a text file or a split of its own corpus, as score.py does.
+
+    Args:
+        model: an export (out/NAME or out/NAME/VERSION) or a run directory.
+        text: the path of a text file to score; or
+        split: "train", "valid" or "test" of the corpus the model was trained on.
+        backend: as for `load` (onnx for an export, keras for a run directory).
+        batch_size, bptt: the windows the text is cut into (default: the model's, which make the
+            test split's score results.json's test loss).
+        **options: as score.py's flags: `data` (the corpus's path if it moved, with `split`),
+            `encoding`, `skip_unknown`, `per_token` (a JSON-lines file of every token's
+            log-probability), and the backend's options as for `load`.
+
+    Returns:
+        A Score: `loss` (nats per token), `perplexity`, `bits_per_char` (char level), `tokens`.
+    """
+    return score_model(str(model), text=text, split=split, backend=backend, batch_size=batch_size, bptt=bptt, **options)

@@ -184,6 +184,12 @@ def _read(f, path):
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def file_text(path, encoding, progress):
+    """The text of one file in decoded chunks, streamed: a binary file (NUL bytes near its start),
+    an unreadable one or bytes that are not `encoding` end in a UsageError naming the file."""
+    return _file_text(path, encoding, progress)
+
+
 def _file_text(path, encoding, progress):
     # Decoded chunk by chunk: a character whose bytes straddle two chunks waits in the decoder.
     offset = 0

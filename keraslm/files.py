@@ -157,7 +157,8 @@ class OutputFile:
         return self
 
     def write(self, text):
-        """Set the text (UTF-8) written when the block ends without an error."""
+        """Set the text (UTF-8) written when the block ends without an error: a string, or an
+        iterable of strings written one after another (a long output never whole in memory)."""
         self._text = text
 
     def __exit__(self, kind, value, traceback):
@@ -166,9 +167,12 @@ class OutputFile:
         error = None
         try:
             with open(self.path if self._through else self._tmp, "w", encoding="utf-8") as f:
-                f.write(self._text)
+                f.writelines([self._text] if isinstance(self._text, str) else self._text)
         except OSError as e:
             error = self._refused(cannot_write(self.path, e), separator=": ")
+        except BaseException as e:  # an interrupt, or an error of the pieces' iterable: no rename
+            self._stack.__exit__(type(e), e, e.__traceback__)
+            raise
         try:
             self._stack.__exit__(type(error) if error else None, error, None)  # renames only without error
         except UsageError as e:

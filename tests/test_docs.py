@@ -3,7 +3,7 @@
 Each command of a ```bash block falls in a group, or test_every_command_is_checked fails (so a new
 command nobody checks fails too):
 
-- keraslm's own commands (train.py, export.py, sample.py, keraslm-train/-export/-sample) are parsed
+- keraslm's own commands (train.py, export.py, sample.py, score.py, keraslm-train/-export/-sample/-score) are parsed
   by the real parser of keraslm.commands.X, every flag spelled in full: a renamed or removed flag
   fails;
 - pip lines name requirement files that exist;
@@ -30,8 +30,8 @@ import pytest
 from conftest import ROOT, tf_serving_double
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-SCRIPTS = {"train.py": "train", "export.py": "export", "sample.py": "sample"}
-CONSOLE_SCRIPTS = {"keraslm-train": "train", "keraslm-export": "export", "keraslm-sample": "sample"}
+SCRIPTS = {"train.py": "train", "export.py": "export", "sample.py": "sample", "score.py": "score"}
+CONSOLE_SCRIPTS = {f"keraslm-{module}": module for module in SCRIPTS.values()}
 OPERATORS = {"&&", "||", ";", "|"}
 # Folders the commands write into: paths under them are outputs, not repository files.
 OUTPUT_FOLDERS = {"runs", "saved_models"}

@@ -20,7 +20,7 @@ from conftest import ROOT, make_run, run_script
 
 import keraslm
 
-COMMANDS = ("train", "export", "sample")
+COMMANDS = ("train", "export", "sample", "score")
 # What a wheel is built from: the package and the files pyproject.toml names.
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "keraslm")
 # What keraslm-sample's onnx backend may import beside the standard library.
