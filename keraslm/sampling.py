@@ -197,15 +197,24 @@ def check_memory(batch_size, prompt_length, num_tokens, vocabulary_size):
     """
     needed = 4 * batch_size * prompt_length * vocabulary_size + 16 * batch_size * vocabulary_size
     needed += 12 * batch_size * num_tokens
+    refuse_over_memory(
+        needed,
+        f"{batch_size} samples of {num_tokens} tokens after a {prompt_length}-token prompt",
+        "ask for fewer samples, fewer tokens or a shorter prompt",
+    )
+
+
+def refuse_over_memory(needed, what, remedy):
+    """Refuse work that needs `needed` bytes when that is over half the machine's memory: one line
+    naming `what` and the `remedy`, instead of an allocation that aborts or swaps the process."""
     try:
         budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
         budget = 2**32
     if needed > budget:
         raise UsageError(
-            f"{batch_size} samples of {num_tokens} tokens after a {prompt_length}-token prompt need about"
-            f" {needed / 1e9:,.1f} GB of memory, more than half of this machine's {2 * budget / 1e9:.0f} GB;"
-            " ask for fewer samples, fewer tokens or a shorter prompt"
+            f"{what} need about {needed / 1e9:,.1f} GB of memory, more than half of this machine's"
+            f" {2 * budget / 1e9:.0f} GB; {remedy}"
         )
 
 

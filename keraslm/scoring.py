@@ -26,6 +26,7 @@ from keraslm.errors import ArgumentError, UsageError
 from keraslm.files import OutputFile
 from keraslm.progress import Progress
 from keraslm.runtime import load_description, open_backend, resolve_model
+from keraslm.sampling import refuse_over_memory
 from keraslm.token_cache import CharEncoder, WordEncoder, token_dtype
 
 LINES_AT_ONCE = 65536  # per-token lines formatted together: one NumPy read and one write each
@@ -167,6 +168,13 @@ def score(backend, chunks, batch_size, bptt, *, skip_unknown=False, per_token=No
         A Score.
     """
     vocab = backend.vocab
+    # A window's float32 logits [B, bptt, V], their shifted exponentials and the log-probabilities;
+    # checked before the text is read, so the worst flags fail at once.
+    refuse_over_memory(
+        12 * batch_size * bptt * len(vocab),
+        f"windows of {batch_size} × {bptt} tokens over {len(vocab):,} outputs",
+        "score with a smaller batch size or bptt",
+    )
     with contextlib.ExitStack() as stack:
         folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="keraslm-score-"))
         # Entered after the folder, so left before it: the lines are read from it while written.

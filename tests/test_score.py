@@ -166,8 +166,22 @@ def test_unknown_characters_are_refused_or_skipped(char_model, tmp_path, capsys)
         (b"caf\xe9 " * 50, [], ["not valid utf-8", "--encoding"]),
         ("First Citizen:\n" * 10, ["--batch-size", "0"], ["--batch-size must be a positive integer"]),
         ("First Citizen:\n" * 10, ["--per-token", "/no/such/folder/x.jsonl"], ["--per-token", "folder does not exist"]),
+        (
+            "First Citizen:\n" * 10,
+            ["--batch-size", "1000000", "--bptt", "1000000"],
+            ["1000000 × 1000000 tokens", "GB of memory", "smaller batch size or bptt"],
+        ),
     ],
-    ids=["empty", "whitespace", "shorter than a window", "binary", "not utf-8", "batch size 0", "per-token folder"],
+    ids=[
+        "empty",
+        "whitespace",
+        "shorter than a window",
+        "binary",
+        "not utf-8",
+        "batch size 0",
+        "per-token folder",
+        "windows over memory",
+    ],
 )
 def test_bad_text_is_one_line_and_exit_2(char_model, tmp_path, capsys, content, flags, fragments):
     _, version_dir = char_model
