@@ -11,7 +11,8 @@ in one process, on the same export:
   call and one NumPy temperature draw per token), for model.onnx, model.int8.onnx, model.tflite and
   model.int8.tflite, each runtime with its default threads; the four take turns in every repeat, so
   a busy neighbour on the machine slows them alike;
-- the same with step calls only (greedy argmax in NumPy, no draw), which isolates the runtime.
+- the same with step calls only (greedy argmax in NumPy, no draw), which isolates the runtime;
+- ONNX Runtime again on one thread, as LiteRT's interpreter runs by default.
 
 Prints a Markdown table: medians of --repeats, and each file's size.
 """
@@ -37,6 +38,9 @@ MODELS = (  # (label, backend, int8)
     ("LiteRT, model.tflite", "litert", False),
     ("LiteRT, model.int8.tflite", "litert", True),
 )
+# LiteRT's interpreter runs one thread unless told otherwise, ONNX Runtime one per core: these rows
+# run ONNX Runtime on one thread too, so the runtimes compare like for like.
+ONE_THREAD = {f"{label} (1 thread)": (name, int8) for label, name, int8 in MODELS[:2]}
 FILES = {"onnx": (artifacts.ONNX, artifacts.INT8_ONNX), "litert": (artifacts.LITERT, artifacts.INT8_LITERT)}
 
 
@@ -48,6 +52,17 @@ def build_export(hidden_dim):
         export = ["export.py", run_dir, "--out", out, "--version", "1", "--overwrite"]
         subprocess.run([sys.executable, *export], cwd=ROOT, check=True, capture_output=True)
     return version_dir
+
+
+def one_thread_onnx(version_dir, int8):
+    """The onnx backend with its session rebuilt on one intra-op thread (the backend has no option for it)."""
+    import onnxruntime
+
+    backend = open_backend(version_dir, "onnx", int8=int8)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    backend.session = onnxruntime.InferenceSession(backend.source, options, providers=["CPUExecutionProvider"])
+    return backend
 
 
 def step_loop(backend):
@@ -95,9 +110,12 @@ def main():
 
     version_dir = build_export(args.hidden_dim)
     backends = {label: open_backend(version_dir, name, int8=int8) for label, name, int8 in MODELS}
+    backends |= {label: one_thread_onnx(version_dir, int8) for label, (_, int8) in ONE_THREAD.items()}
+    load_before = os.getloadavg()[0]
     greedy = {label: Generator(b).generate("ROMEO:", 200, temperature=0)[0] for label, b in backends.items()}
     assert greedy[MODELS[2][0]] == greedy[MODELS[0][0]], "litert's greedy text differs from onnx's"
     rates = measure(backends, args.num_tokens, args.repeats)
+    load_after = os.getloadavg()[0]
 
     import ai_edge_litert
     import onnxruntime
@@ -105,6 +123,7 @@ def main():
     print(f"export: {version_dir}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     print(f"onnxruntime {onnxruntime.__version__}, ai-edge-litert {ai_edge_litert.__version__}, numpy {np.__version__}")
     print(f"batch 1, {args.num_tokens} tokens from 'ROMEO:', medians of {args.repeats}")
+    print(f"1-minute load average before / after: {load_before:.2f} / {load_after:.2f}")
     print("litert greedy text == onnx greedy text (200 tokens): yes")
     print("int8 greedy text == float greedy text (200 tokens):", end=" ")
     print(
@@ -116,7 +135,7 @@ def main():
     print()
     print("| model | file size, MB | tokens/s, sample.py loop | tokens/s, step calls only |")
     print("| --- | --- | --- | --- |")
-    for label, name, int8 in MODELS:
+    for label, name, int8 in (*MODELS, *((label, name, int8) for label, (name, int8) in ONE_THREAD.items())):
         size = os.path.getsize(os.path.join(version_dir, artifacts.EXTRA, FILES[name][int8])) / 1e6
         sample, steps = (statistics.median(rates[(label, loop)]) for loop in ("sample.py loop", "step calls only"))
         print(f"| {label} | {size:.2f} | {sample:,.0f} | {steps:,.0f} |")
