@@ -39,12 +39,16 @@ class _StepWeights:
 
     def __init__(self, twin, model_config):
         c = model_config
-        self.recurrent = [layer.get_weights() for layer in ModelLayers.of(c, twin).recurrent]
-        self.table = None if c.one_hot else twin.get_layer(EMBEDDING_LAYER).get_weights()[0]
+
+        def weights(layer):  # float32 whatever the policy the model was trained under
+            return [np.asarray(w, np.float32) for w in layer.get_weights()]
+
+        self.recurrent = [weights(layer) for layer in ModelLayers.of(c, twin).recurrent]
+        self.table = None if c.one_hot else weights(twin.get_layer(EMBEDDING_LAYER))[0]
         if c.tie_weights:
-            self.kernel, self.bias = self.table.T, twin.get_layer(EMBEDDING_LAYER).get_weights()[1]
+            self.kernel, self.bias = self.table.T, weights(twin.get_layer(EMBEDDING_LAYER))[1]
         else:
-            self.kernel, self.bias = twin.get_layer(PROJECTION_LAYER).get_weights()
+            self.kernel, self.bias = weights(twin.get_layer(PROJECTION_LAYER))
 
 
 def _step_function(twin, model_config):
