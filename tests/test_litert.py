@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime
@@ -157,6 +158,21 @@ def test_sample_py_litert_gives_onnx_text_and_a_missing_model_tflite_is_a_one_li
     )
     assert litert.returncode == 0 and onnx.returncode == 0, litert.stderr + onnx.stderr
     assert litert.stdout == onnx.stdout and litert.stdout.startswith("Th")
+
+
+def test_a_damaged_or_foreign_model_tflite_is_refused_when_opened(lstm_export, tmp_path):
+    _, version_dir = lstm_export
+    damaged = tmp_path / "damaged"
+    subprocess.run(["cp", "-r", version_dir, damaged], check=True)
+    path = damaged / artifacts.EXTRA / artifacts.LITERT
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UsageError, match="cannot be loaded.*export the run again"):
+        open_backend(str(damaged), "litert")
+    # Another model's valid file: a one-layer GRU has no c0_in, h1_in, c1_in.
+    gru_version, _ = export_run(str(make_run(tmp_path / "gru", "gru")), out=str(tmp_path / "models"), name="gru")
+    path.write_bytes((Path(gru_version) / artifacts.EXTRA / artifacts.LITERT).read_bytes())
+    with pytest.raises(UsageError, match="does not match keraslm.json"):
+        open_backend(str(damaged), "litert")
 
 
 def test_the_litert_backend_imports_no_tensorflow(lstm_export):
