@@ -269,7 +269,7 @@ class LiteRtBackend(Backend):
                 f"{version_dir} has no {os.path.basename(path)} (exported before keraslm wrote one); export again"
             )
         try:
-            self.runner = Interpreter(model_path=path).get_signature_runner("serving_default")
+            self.runner = Interpreter(model_path=path).get_signature_runner(serving.STEP_SIGNATURE)
             details = {"inputs": self.runner.get_input_details(), "outputs": self.runner.get_output_details()}
         except Exception as e:  # LiteRT raises ValueError or RuntimeError on a damaged file
             raise UsageError(f"{path} cannot be loaded ({first_line(e)}); export the run again") from None

@@ -27,11 +27,9 @@ import tensorflow as tf
 
 from keraslm.errors import UsageError, first_line
 from keraslm.model import EMBEDDING_LAYER, PROJECTION_LAYER, ModelLayers
+from keraslm.serving import STEP_SIGNATURE
 from keraslm.states import input_name, output_name, state_names
 from keraslm.token_step import TokenStep
-
-# The name TFLiteConverter gives the one signature of a model converted from one concrete function.
-SIGNATURE = "serving_default"
 
 
 class _StepWeights:
@@ -120,7 +118,8 @@ def run_litert(path, feed):
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        runner = Interpreter(model_path=path).get_signature_runner(SIGNATURE)
+        # TFLiteConverter names a model's one signature serving_default, as the SavedModel's step is named.
+        runner = Interpreter(model_path=path).get_signature_runner(STEP_SIGNATURE)
         return {name: np.asarray(value) for name, value in runner(**feed).items()}
     except (ValueError, RuntimeError) as e:  # LiteRT's errors on a damaged or foreign model
         raise UsageError(f"{path} cannot be run by LiteRT ({first_line(e)})") from None
