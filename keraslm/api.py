@@ -101,9 +101,9 @@ def load(model, backend=None, **options):
 
     Args:
         model: an export (out/NAME or out/NAME/VERSION; NAME opens the newest version) or a run directory.
-        backend: "onnx" (default for an export; needs only NumPy and ONNX Runtime), "savedmodel",
-            "keras" (default for a run directory) or "tf-serving".
-        **options: the backend's options, as sample.py's flags: `int8` (onnx), and for tf-serving
+        backend: "onnx" (default for an export; needs only NumPy and ONNX Runtime), "litert" (needs
+            only NumPy and ai-edge-litert), "savedmodel", "keras" (default for a run directory) or "tf-serving".
+        **options: the backend's options, as sample.py's flags: `int8` (onnx, litert), and for tf-serving
             `server` ("http://host:8501" or "grpc://host:8500"), `model_name`, `version`, `timeout`.
 
     Returns:

@@ -18,11 +18,13 @@ RUN_FILES = (CONFIG, VOCAB, BEST_MODEL, CHECKPOINT, HISTORY, CURVES, RESULTS)
 FINISHED_RUN_FILES = (CONFIG, VOCAB, BEST_MODEL)  # what sample.py and export.py need
 
 # An exported version, written by export.py: a SavedModel, and beside it in EXTRA (which TF Serving
-# ignores) keraslm's description of the export and the ONNX models.
+# ignores) keraslm's description of the export, the ONNX models and the LiteRT models.
 EXTRA = "assets.extra"
 DESCRIPTION = "keraslm.json"
 ONNX = "model.onnx"
 INT8_ONNX = "model.int8.onnx"
+LITERT = "model.tflite"
+INT8_LITERT = "model.int8.tflite"
 
 
 def default_run_dir(config):

@@ -2,6 +2,8 @@
 
     onnx        ONNX Runtime on assets.extra/model.onnx (no TensorFlow import: fast start),
                 or on model.int8.onnx, its int8-weight twin (int8=True)
+    litert      LiteRT (ai-edge-litert's interpreter, no TensorFlow import) on model.tflite,
+                or on model.int8.tflite (int8=True)
     savedmodel  the SavedModel's serving_default signature (generate signature: generate_in_graph)
     keras       a run directory's model.keras
     tf-serving  a running TF Serving, REST (http://host:8501) or gRPC (grpc://host:8500), through
@@ -26,7 +28,7 @@ from keraslm.errors import ArgumentError, UsageError, first_line
 from keraslm.versions import versions
 from keraslm.vocab import Vocabulary
 
-BACKENDS = ("onnx", "savedmodel", "keras", "tf-serving")
+BACKENDS = ("onnx", "litert", "savedmodel", "keras", "tf-serving")
 
 
 def resolve_model(path):
@@ -217,7 +219,9 @@ class OnnxBackend(Backend):
             self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail / InvalidProtobuf types
             raise UsageError(f"{path} cannot be loaded ({first_line(e)}); export the run again") from None
-        _check_onnx_signature(path, self.session, states)
+        shapes = {"inputs": {i.name: i.shape for i in self.session.get_inputs()}}
+        shapes["outputs"] = {o.name: o.shape for o in self.session.get_outputs()}
+        _check_step_signature(path, shapes, states)
         self.output_names = [o.name for o in self.session.get_outputs()]
         logits = {o.name: o.shape for o in self.session.get_outputs()}["logits"]
         _check_output_size(path, logits[-1] if logits else None, vocab)
@@ -226,12 +230,14 @@ class OnnxBackend(Backend):
         return dict(zip(self.output_names, self.session.run(self.output_names, inputs), strict=True))
 
 
-def _check_onnx_signature(path, session, states):
-    """The ONNX model must be the step keraslm.json describes: tokens and the state inputs in,
-    logits and the state outputs out, each state as wide as its entry says (ONNX Runtime would
-    refuse a feed it does not expect with an error of its own)."""
-    shapes = {"inputs": {i.name: i.shape for i in session.get_inputs()}}
-    shapes["outputs"] = {o.name: o.shape for o in session.get_outputs()}
+def _check_step_signature(path, shapes, states):
+    """The model file must be the step keraslm.json describes: tokens and the state inputs in,
+    logits and the state outputs out, each state as wide as its entry says (the runtime would
+    refuse a feed it does not expect with an error of its own).
+
+    Args:
+        shapes: {"inputs": {name: shape}, "outputs": {name: shape}} as the runtime reports them.
+    """
     for kind, key, first in (("inputs", "input", "tokens"), ("outputs", "output", "logits")):
         expected = {first, *(s[key] for s in states)}
         if set(shapes[kind]) != expected:
@@ -246,6 +252,36 @@ def _check_onnx_signature(path, session, states):
                 raise UsageError(
                     f"{path}: {s[key]} is {width} wide but keraslm.json says {s['shape'][-1]}; export the run again"
                 )
+
+
+class LiteRtBackend(Backend):
+    """LiteRT on an export's assets.extra/model.tflite, or model.int8.tflite with `int8`: its
+    `serving_default` signature runner, which resizes its inputs to each call's batch and length."""
+
+    def __init__(self, version_dir, int8=False):
+        from ai_edge_litert.interpreter import Interpreter
+
+        _, vocab, states = load_description(version_dir)
+        path = _model_file(version_dir, artifacts.INT8_LITERT if int8 else artifacts.LITERT)
+        super().__init__(vocab, states, path)
+        if not os.path.isfile(path):
+            raise UsageError(
+                f"{version_dir} has no {os.path.basename(path)} (exported before keraslm wrote one); export again"
+            )
+        try:
+            self.runner = Interpreter(model_path=path).get_signature_runner(serving.STEP_SIGNATURE)
+            details = {"inputs": self.runner.get_input_details(), "outputs": self.runner.get_output_details()}
+        except Exception as e:  # LiteRT raises ValueError or RuntimeError on a damaged file
+            raise UsageError(f"{path} cannot be loaded ({first_line(e)}); export the run again") from None
+        shapes = {k: {name: [int(n) for n in d["shape_signature"]] for name, d in details[k].items()} for k in details}
+        _check_step_signature(path, shapes, states)
+        _check_output_size(path, (shapes["outputs"]["logits"] or [None])[-1], vocab)
+
+    def _run(self, inputs):
+        try:
+            return self.runner(**inputs)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"LiteRT cannot run {self.source} ({first_line(e)}); export the run again") from None
 
 
 class SavedModelBackend(Backend):
@@ -324,14 +360,15 @@ class TFServingBackend(Backend):
 
 def open_backend(model, backend=None, server=None, model_name=None, version=None, timeout=10.0, int8=False):
     """The backend for MODEL (a version, model base or run directory); None picks onnx for an
-    export and keras for a run directory. `int8` runs the onnx backend's int8-weight model."""
+    export and keras for a run directory. `int8` runs the onnx or litert backend's int8-weight model."""
     if backend is not None and backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     kind, path = resolve_model(model)
     backend = backend or ("onnx" if kind == "export" else "keras")
-    if int8 and backend != "onnx":
+    if int8 and backend not in ("onnx", "litert"):
         raise ArgumentError(
-            "{int8} is an onnx backend model; the {backend_name} backend runs float32", backend_name=backend
+            "{int8} is an onnx or litert backend model; the {backend_name} backend runs float32",
+            backend_name=backend,
         )
     if backend == "keras":
         if kind != "run":
@@ -341,6 +378,8 @@ def open_backend(model, backend=None, server=None, model_name=None, version=None
         raise UsageError(f"the {backend} backend needs an export (python export.py {model}); or use --backend keras")
     if backend == "onnx":
         return OnnxBackend(path, int8)
+    if backend == "litert":
+        return LiteRtBackend(path, int8)
     if backend == "savedmodel":
         return SavedModelBackend(path)
     if not server:

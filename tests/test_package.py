@@ -1,9 +1,9 @@
 """keraslm as users install it: the wheel (its commands, console scripts and bundled corpus), a full
-install whose commands work from any folder, and the inference-only install (NumPy and ONNX Runtime,
-no TensorFlow) that samples from an export as sample.py does.
+install whose commands work from any folder, and the inference-only install (NumPy, ONNX Runtime and
+LiteRT, no TensorFlow) that samples from an export as sample.py does, on the onnx and litert backends.
 
 The default run stays offline: the wheel is built without build isolation and installed with
---no-index; the inference venv borrows the host's NumPy and ONNX Runtime through a .pth file. The
+--no-index; the inference venv borrows the host's NumPy, ONNX Runtime and LiteRT through a .pth file. The
 slow test installs requirements-inference.txt from the package registry, as a deploy machine would.
 """
 
@@ -23,8 +23,8 @@ import keraslm
 COMMANDS = ("train", "export", "sample", "score")
 # What a wheel is built from: the package and the files pyproject.toml names.
 SOURCES = ("pyproject.toml", "README.md", "LICENSE", "keraslm")
-# What keraslm-sample's onnx backend may import beside the standard library.
-INFERENCE_DISTRIBUTIONS = ("numpy", "onnxruntime")
+# What keraslm-sample's onnx and litert backends may import beside the standard library.
+INFERENCE_DISTRIBUTIONS = ("numpy", "onnxruntime", "ai-edge-litert")
 HEAVY = ("tensorflow", "keras", "tensorflow_datasets", "matplotlib", "onnx")
 SAMPLE_ARGS = (("--prompt", "First", "--greedy", "--num-tokens", "40"), ("--prompt", "A", "--seed", "3"))
 
@@ -142,7 +142,7 @@ def host_folders(distribution):
 
 @pytest.fixture(scope="module")
 def inference_venv(tmp_path_factory, wheel):
-    """A fresh venv (no system site-packages) where only NumPy and ONNX Runtime are importable, borrowed
+    """A fresh venv (no system site-packages) where only NumPy, ONNX Runtime and LiteRT are importable, borrowed
     from the host through a .pth file, and keraslm installed from the wheel with --no-deps."""
     base = tmp_path_factory.mktemp("inference")
     venv = make_venv(base / "venv")
@@ -158,7 +158,8 @@ def inference_venv(tmp_path_factory, wheel):
 
 def assert_samples_without_tensorflow(venv, export, cwd):
     """TensorFlow and the other training-side packages are absent from `venv`, and its keraslm-sample
-    and keraslm.load print what the checkout's sample.py prints on the same export and settings."""
+    and keraslm.load print what the checkout's sample.py prints on the same export and settings, on
+    the onnx backend and on the litert backend (which must give the onnx backend's text)."""
     for module in HEAVY:
         absent = run([venv / "bin" / "python", "-c", f"import {module}"], cwd=cwd)
         assert absent.returncode != 0 and f"No module named '{module}'" in absent.stderr, module
@@ -168,8 +169,15 @@ def assert_samples_without_tensorflow(venv, export, cwd):
         assert installed.returncode == 0, installed.stderr
         assert host.returncode == 0, host.stderr
         assert installed.stdout == host.stdout and installed.stdout.startswith(args[1])
+        litert = run([venv / "bin" / "keraslm-sample", export, "--backend", "litert", *args], cwd=cwd)
+        assert litert.returncode == 0, litert.stderr
+        assert litert.stdout == host.stdout
     # The Python API too: the same text as sample.py for the first flags (greedy, 40 tokens after "First").
     probe = "import sys, keraslm; print(keraslm.load(sys.argv[1]).generate('First', 40, temperature=0)[0])"
+    api = run([venv / "bin" / "python", "-c", probe, export], cwd=cwd)
+    assert api.returncode == 0, api.stderr
+    assert api.stdout == run_script("sample.py", export, *SAMPLE_ARGS[0]).stdout
+    probe = probe.replace("keraslm.load(sys.argv[1])", "keraslm.load(sys.argv[1], backend='litert')")
     api = run([venv / "bin" / "python", "-c", probe, export], cwd=cwd)
     assert api.returncode == 0, api.stderr
     assert api.stdout == run_script("sample.py", export, *SAMPLE_ARGS[0]).stdout
@@ -188,4 +196,5 @@ def test_the_documented_inference_install_from_the_registry(export, tmp_path):
     assert_samples_without_tensorflow(venv, export, tmp_path)
     megabytes = int(run(["du", "-sm", venv], cwd=tmp_path).stdout.split()[0])
     print(f"inference-only venv: {megabytes} MB")
-    assert megabytes < 250  # RESULTS.md "Install sizes", with room for newer wheels
+    # RESULTS.md "Install sizes" (182 MB before LiteRT), ai-edge-litert's 59 MB, and room for newer wheels.
+    assert megabytes < 300

@@ -3,6 +3,8 @@
     VERSION/saved_model.pb, variables/     signatures `serving_default` (one step) and `generate`
     VERSION/assets.extra/model.onnx        the step function for ONNX Runtime (fused RNN ops)
     VERSION/assets.extra/model.int8.onnx   the same with int8 weights (sample.py --int8)
+    VERSION/assets.extra/model.tflite      the step function for LiteRT (sample.py --backend litert)
+    VERSION/assets.extra/model.int8.tflite the same with int8 weights (dynamic-range quantisation)
     VERSION/assets.extra/keraslm.json      config, vocabulary, state tensor names and shapes
 
 Everything is built from the stateless twin with `use_cudnn=False`, so a model trained on a GPU
@@ -11,8 +13,9 @@ temporary directory beside the others (TF Serving only watches integer names), c
 renamed into place (`publish`); a failed check leaves nothing behind.
 
 `export_run` is that sequence of steps; each module does one: `signatures` (ServingFunctions, the
-SavedModel, keraslm.json), `onnx` (model.onnx), `int8` (model.int8.onnx and its check), `checks`
-(parity before publishing) and `publish` (workspace, version numbers, the rename).
+SavedModel, keraslm.json), `onnx` (model.onnx), `litert` (model.tflite, model.int8.tflite), `int8`
+(model.int8.onnx and the int8 checks), `checks` (parity before publishing) and `publish`
+(workspace, version numbers, the rename).
 
 Called, the package is the public API's export: `keraslm.export(run_dir)` is `keraslm.api.export(run_dir)`.
 """
@@ -26,8 +29,9 @@ import tensorflow as tf
 
 from keraslm import artifacts
 from keraslm.errors import ArgumentError, UsageError, first_line
-from keraslm.export.checks import check_generate, check_parity
-from keraslm.export.int8 import check_int8, write_onnx_int8
+from keraslm.export.checks import check_generate, check_litert, check_parity
+from keraslm.export.int8 import check_int8, check_litert_int8, write_onnx_int8
+from keraslm.export.litert import write_litert
 from keraslm.export.onnx import write_onnx
 from keraslm.export.publish import (
     check_version_number,
@@ -64,12 +68,14 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
         onnx_proto = _write_artifacts(tmp, base_dir, config, vocab, twin, limits)
         parity = _check_as_served(tmp, twin, config.model, vocab)
         int8 = check_int8(tmp, config.model)
+        parity |= check_litert(tmp, config.model)
+        litert_int8 = check_litert_int8(tmp, config.model)
         version_dir = publish(tmp, base_dir, version, overwrite)
-    return version_dir, _report(version_dir, time.perf_counter() - started, parity, int8, onnx_proto)
+    return version_dir, _report(version_dir, time.perf_counter() - started, parity, int8, litert_int8, onnx_proto)
 
 
 def _write_artifacts(tmp, base_dir, config, vocab, twin, limits):
-    """Write the SavedModel, model.onnx, model.int8.onnx and keraslm.json into `tmp`; return the
+    """Write the SavedModel, the ONNX and LiteRT models and keraslm.json into `tmp`; return the
     ONNX model."""
     extra = os.path.join(tmp, artifacts.EXTRA)
     try:
@@ -77,6 +83,9 @@ def _write_artifacts(tmp, base_dir, config, vocab, twin, limits):
         os.makedirs(extra, exist_ok=True)
         onnx_proto = write_onnx(twin, config.model, os.path.join(extra, artifacts.ONNX))
         write_onnx_int8(os.path.join(extra, artifacts.ONNX), os.path.join(extra, artifacts.INT8_ONNX))
+        write_litert(
+            twin, config.model, os.path.join(extra, artifacts.LITERT), os.path.join(extra, artifacts.INT8_LITERT)
+        )
         with open(os.path.join(extra, artifacts.DESCRIPTION), "w", encoding="utf-8") as f:
             json.dump(artifact_description(config, vocab, limits), f, ensure_ascii=False, indent=1)
     except (OSError, tf.errors.OpError) as e:  # TensorFlow's own file system reports OpErrors
@@ -98,16 +107,19 @@ def _check_as_served(tmp, twin, model_config, vocab):
     return parity
 
 
-def _report(version_dir, seconds, parity, int8, onnx_proto):
+def _report(version_dir, seconds, parity, int8, litert_int8, onnx_proto):
     extra = os.path.join(version_dir, artifacts.EXTRA)
     return {
         "seconds": seconds,
         "parity": parity,
         "int8": int8,
+        "litert_int8": litert_int8,
         "onnx_ops": sorted({node.op_type for node in onnx_proto.graph.node}),
         "sizes": {
             "saved_model": folder_size(version_dir, exclude=artifacts.EXTRA),
-            artifacts.ONNX: os.path.getsize(os.path.join(extra, artifacts.ONNX)),
-            artifacts.INT8_ONNX: os.path.getsize(os.path.join(extra, artifacts.INT8_ONNX)),
+            **{
+                name: os.path.getsize(os.path.join(extra, name))
+                for name in (artifacts.ONNX, artifacts.INT8_ONNX, artifacts.LITERT, artifacts.INT8_LITERT)
+            },
         },
     }

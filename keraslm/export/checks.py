@@ -1,5 +1,5 @@
-"""The checks before publishing: the served step against Keras and ONNX, and `generate` against
-the Keras step. Anything over PARITY_TOLERANCE stops the export."""
+"""The checks before publishing: the served step against Keras and ONNX, model.tflite against
+model.onnx, and `generate` against the Keras step. Anything over PARITY_TOLERANCE stops the export."""
 
 import os
 
@@ -7,6 +7,7 @@ import numpy as np
 
 from keraslm import artifacts
 from keraslm.errors import UsageError
+from keraslm.export.litert import run_litert
 from keraslm.model import keras_step
 from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
 from keraslm.states import input_name, state_names
@@ -24,13 +25,7 @@ def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
     one call over the sequence and the state carried token by token. Raises UsageError over
     PARITY_TOLERANCE.
     """
-    rng = np.random.default_rng(seed)
-    feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
-    feed |= {
-        input_name(n): rng.normal(0, 0.5, (batch_size, model_config.hidden_dim)).astype(np.float32)
-        for n in state_names(model_config)
-    }
-
+    feed = _random_feed(model_config, batch_size, length, seed)
     keras_out = {k: np.asarray(v) for k, v in twin(feed, training=False).items()}
     saved_out = model.run(STEP_SIGNATURE, feed)
     onnx_out = _onnx_outputs(model.version_dir, feed)
@@ -53,6 +48,34 @@ def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
     if figures[worst] > PARITY_TOLERANCE:
         raise UsageError(f"parity check failed: {worst} max |Δ| = {figures[worst]:.2e} > {PARITY_TOLERANCE}")
     return figures
+
+
+def _random_feed(model_config, batch_size, length, seed):
+    """Random tokens [B, T] and random (nonzero) states: a zero state would hide a swapped state."""
+    rng = np.random.default_rng(seed)
+    feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
+    return feed | {
+        input_name(n): rng.normal(0, 0.5, (batch_size, model_config.hidden_dim)).astype(np.float32)
+        for n in state_names(model_config)
+    }
+
+
+def check_litert(version_dir, model_config, batch_size=3, length=7, seed=1):
+    """Compare model.tflite with model.onnx on random tokens and states (batch and time > 1).
+
+    Returns {"litert_vs_onnx": max |Δ| over the logits and every state}. Raises UsageError over
+    PARITY_TOLERANCE, when LiteRT cannot run the file, or when its outputs are not model.onnx's.
+    """
+    feed = _random_feed(model_config, batch_size, length, seed)
+    onnx_out = _onnx_outputs(version_dir, feed)
+    litert_out = run_litert(os.path.join(version_dir, artifacts.EXTRA, artifacts.LITERT), feed)
+    if set(litert_out) != set(onnx_out) or any(litert_out[k].shape != onnx_out[k].shape for k in onnx_out):
+        shapes = {k: v.shape for k, v in litert_out.items()}
+        raise UsageError(f"{artifacts.LITERT} does not compute the step: it returned {shapes}")
+    figure = max(float(np.max(np.abs(litert_out[k] - onnx_out[k]))) for k in onnx_out)
+    if not figure <= PARITY_TOLERANCE:  # also catches NaN
+        raise UsageError(f"parity check failed: litert_vs_onnx max |Δ| = {figure:.2e} > {PARITY_TOLERANCE}")
+    return {"litert_vs_onnx": figure}
 
 
 def _onnx_outputs(version_dir, feed):

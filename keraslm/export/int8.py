@@ -1,4 +1,5 @@
-"""model.int8.onnx: model.onnx with int8 weights, and the check of how far that moves the model."""
+"""model.int8.onnx: model.onnx with int8 weights; and the check of how far int8 weights move a model
+(model.int8.onnx from model.onnx, model.int8.tflite from model.tflite)."""
 
 import os
 
@@ -6,6 +7,7 @@ import numpy as np
 
 from keraslm import artifacts
 from keraslm.errors import UsageError
+from keraslm.export.litert import run_litert
 from keraslm.states import input_name, state_names
 
 # int8 weights change the model itself, so model.int8.onnx is checked against model.onnx by how far
@@ -30,31 +32,54 @@ def write_onnx_int8(float_path, path):
     quantize_dynamic(float_path, path, weight_type=QuantType.QInt8, op_types_to_quantize=["LSTM", "MatMul"])
 
 
-def check_int8(version_dir, model_config, batch_size=4, length=32, seed=0):
+def check_int8(version_dir, model_config):
     """How far model.int8.onnx moves from model.onnx on random tokens: mean KL divergence of the
     next-token distributions (nats) and max |Δ| of the logits. Raises UsageError over
     INT8_KL_TOLERANCE."""
     import onnxruntime
 
-    rng = np.random.default_rng(seed)
-    feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
-    feed |= {
-        input_name(n): np.zeros((batch_size, model_config.hidden_dim), np.float32) for n in state_names(model_config)
-    }
+    feed = _int8_feed(model_config)
     extra = os.path.join(version_dir, artifacts.EXTRA)
     logits = [
-        onnxruntime.InferenceSession(os.path.join(extra, name), providers=["CPUExecutionProvider"])
-        .run(["logits"], feed)[0]
-        .astype(np.float64)
+        onnxruntime.InferenceSession(os.path.join(extra, name), providers=["CPUExecutionProvider"]).run(
+            ["logits"], feed
+        )[0]
         for name in (artifacts.ONNX, artifacts.INT8_ONNX)
     ]
-    log_p, log_q = (x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in logits)
+    return _int8_figures(artifacts.INT8_ONNX, *logits)
+
+
+def check_litert_int8(version_dir, model_config):
+    """model.int8.tflite against model.tflite, by the same rule and tolerance as `check_int8`."""
+    feed = _int8_feed(model_config)
+    extra = os.path.join(version_dir, artifacts.EXTRA)
+    logits = [
+        run_litert(os.path.join(extra, name), feed)["logits"] for name in (artifacts.LITERT, artifacts.INT8_LITERT)
+    ]
+    return _int8_figures(artifacts.INT8_LITERT, *logits)
+
+
+def _int8_feed(model_config, batch_size=4, length=32, seed=0):
+    """Random tokens from a zero state: the int8 checks' input."""
+    rng = np.random.default_rng(seed)
+    feed = {"tokens": rng.integers(0, model_config.vocabulary_size, (batch_size, length)).astype(np.int32)}
+    return feed | {
+        input_name(n): np.zeros((batch_size, model_config.hidden_dim), np.float32) for n in state_names(model_config)
+    }
+
+
+def _int8_figures(name, float_logits, int8_logits):
+    """Mean KL divergence of the next-token distributions (nats) and max |Δ| of the logits; raises
+    UsageError, naming the int8 model `name`, when the KL exceeds INT8_KL_TOLERANCE."""
+    float_logits, int8_logits = (np.asarray(x, np.float64) for x in (float_logits, int8_logits))
+    log_p, log_q = (x - np.logaddexp.reduce(x, axis=-1, keepdims=True) for x in (float_logits, int8_logits))
     figures = {
         "int8_kl_vs_float": float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), axis=-1))),
-        "int8_max_logit_diff": float(np.max(np.abs(logits[0] - logits[1]))),
+        "int8_max_logit_diff": float(np.max(np.abs(float_logits - int8_logits))),
     }
     if not figures["int8_kl_vs_float"] <= INT8_KL_TOLERANCE:  # also catches NaN
         raise UsageError(
-            f"int8 check failed: mean KL to the float model {figures['int8_kl_vs_float']:.2e} > {INT8_KL_TOLERANCE}"
+            f"int8 check failed: {name}'s mean KL to the float model {figures['int8_kl_vs_float']:.2e}"
+            f" > {INT8_KL_TOLERANCE}"
         )
     return figures
