@@ -18,8 +18,10 @@ the process on some bad ones) and the outputs (a server, or a damaged model, can
 only finite float32 logits [B, T, V] and states [B, H] reach the sampler).
 """
 
+import contextlib
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -276,12 +278,31 @@ class LiteRtBackend(Backend):
         shapes = {k: {name: [int(n) for n in d["shape_signature"]] for name, d in details[k].items()} for k in details}
         _check_step_signature(path, shapes, states)
         _check_output_size(path, (shapes["outputs"]["logits"] or [None])[-1], vocab)
+        # LiteRT's native code prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." on
+        # its first run, past Python's sys.stderr: run one token now with that stream closed, so a
+        # user's output (and its pipe) holds only what keraslm says.
+        with native_stderr_silenced():
+            self.step(np.zeros((1, 1), np.int32), self.initial_state(1))
 
     def _run(self, inputs):
         try:
             return self.runner(**inputs)
         except (ValueError, RuntimeError) as e:
             raise UsageError(f"LiteRT cannot run {self.source} ({first_line(e)}); export the run again") from None
+
+
+@contextlib.contextmanager
+def native_stderr_silenced():
+    """File descriptor 2 points at os.devnull inside the block (native libraries write to it directly)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 class SavedModelBackend(Backend):

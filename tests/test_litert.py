@@ -158,6 +158,8 @@ def test_sample_py_litert_gives_onnx_text_and_a_missing_model_tflite_is_a_one_li
     )
     assert litert.returncode == 0 and onnx.returncode == 0, litert.stderr + onnx.stderr
     assert litert.stdout == onnx.stdout and litert.stdout.startswith("Th")
+    # LiteRT's native "INFO: Created TensorFlow Lite XNNPACK delegate" line does not reach the user.
+    assert "XNNPACK" not in litert.stderr, litert.stderr
 
 
 def test_a_damaged_or_foreign_model_tflite_is_refused_when_opened(lstm_export, tmp_path):

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from keraslm.errors import UsageError, first_line
 from keraslm.model import EMBEDDING_LAYER, PROJECTION_LAYER, ModelLayers
+from keraslm.runtime import native_stderr_silenced
 from keraslm.serving import STEP_SIGNATURE
 from keraslm.states import input_name, output_name, state_names
 from keraslm.token_step import TokenStep
@@ -120,6 +121,7 @@ def run_litert(path, feed):
     try:
         # TFLiteConverter names a model's one signature serving_default, as the SavedModel's step is named.
         runner = Interpreter(model_path=path).get_signature_runner(STEP_SIGNATURE)
-        return {name: np.asarray(value) for name, value in runner(**feed).items()}
+        with native_stderr_silenced():  # LiteRT's "Created ... XNNPACK delegate" line on a first run
+            return {name: np.asarray(value) for name, value in runner(**feed).items()}
     except (ValueError, RuntimeError) as e:  # LiteRT's errors on a damaged or foreign model
         raise UsageError(f"{path} cannot be run by LiteRT ({first_line(e)})") from None
