@@ -45,11 +45,11 @@ def main(argv=None):
     if args.check:
         for name, value in report["parity"].items():
             print(f"parity {name}: max |Δ| = {value:.2e}")
-        int8 = report["int8"]
-        print(
-            f"int8 model: mean KL to the float model {int8['int8_kl_vs_float']:.2e} nats,"
-            f" max |Δ logit| {int8['int8_max_logit_diff']:.2e}"
-        )
+        for name, int8 in (("model.int8.onnx", report["int8"]), ("model.int8.tflite", report["litert_int8"])):
+            print(
+                f"{name}: mean KL to the float model {int8['int8_kl_vs_float']:.2e} nats,"
+                f" max |Δ logit| {int8['int8_max_logit_diff']:.2e}"
+            )
 
 
 def run():
