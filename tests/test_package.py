@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, make_run, run_script
+from conftest import ROOT, make_run, run_script, shakespeare
 
 import keraslm
 
@@ -183,8 +183,28 @@ def assert_samples_without_tensorflow(venv, export, cwd):
     assert api.stdout == run_script("sample.py", export, *SAMPLE_ARGS[0]).stdout
 
 
+def assert_scores_without_tensorflow(venv, export, cwd):
+    """The venv's keraslm-score prints what the checkout's score.py prints on a text file (onnx),
+    and the same loss to 1e-5 on the litert backend."""
+    text = cwd / "scored.txt"
+    text.write_text(shakespeare()[:3000], encoding="utf-8")
+    args = ("--text", text, "--batch-size", "2", "--bptt", "50")
+    installed = run([venv / "bin" / "keraslm-score", export, *args], cwd=cwd)
+    host = run_script("score.py", export, *args)
+    assert installed.returncode == 0 and host.returncode == 0, installed.stderr + host.stderr
+    assert installed.stdout == host.stdout and "loss " in installed.stdout
+    litert = run([venv / "bin" / "keraslm-score", export, "--backend", "litert", *args], cwd=cwd)
+    assert litert.returncode == 0, litert.stderr
+
+    def loss(output):
+        return float(next(line for line in output.splitlines() if line.startswith("loss ")).split()[1])
+
+    assert abs(loss(litert.stdout) - loss(host.stdout)) <= 1e-5
+
+
 def test_the_inference_only_venv_samples_as_sample_py_does(inference_venv, export, tmp_path):
     assert_samples_without_tensorflow(inference_venv, export, tmp_path)
+    assert_scores_without_tensorflow(inference_venv, export, tmp_path)
 
 
 @pytest.mark.slow
@@ -194,6 +214,7 @@ def test_the_documented_inference_install_from_the_registry(export, tmp_path):
     pip_install(venv, "-r", ROOT / "requirements-inference.txt")
     pip_install(venv, "--no-deps", copy_sources(tmp_path / "source"))
     assert_samples_without_tensorflow(venv, export, tmp_path)
+    assert_scores_without_tensorflow(venv, export, tmp_path)
     megabytes = int(run(["du", "-sm", venv], cwd=tmp_path).stdout.split()[0])
     print(f"inference-only venv: {megabytes} MB")
     # RESULTS.md "Install sizes" (182 MB before LiteRT), ai-edge-litert's 59 MB, and room for newer wheels.
