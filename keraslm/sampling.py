@@ -189,6 +189,14 @@ def make_sampler(temperature=1.0, top_k=TOP_K_OFF, top_p=TOP_P_OFF):
     return Sampler(temperature)
 
 
+def memory_budget():
+    """The most memory one generation may ask for: half the machine's physical memory (bytes)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        return 2**32
+
+
 def check_memory(batch_size, prompt_length, num_tokens, vocabulary_size):
     """Refuse a generation that would need more than half the machine's memory, before it starts.
 
@@ -197,10 +205,7 @@ def check_memory(batch_size, prompt_length, num_tokens, vocabulary_size):
     """
     needed = 4 * batch_size * prompt_length * vocabulary_size + 16 * batch_size * vocabulary_size
     needed += 12 * batch_size * num_tokens
-    try:
-        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
-        budget = 2**32
+    budget = memory_budget()
     if needed > budget:
         raise UsageError(
             f"{batch_size} samples of {num_tokens} tokens after a {prompt_length}-token prompt need about"
