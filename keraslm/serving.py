@@ -17,6 +17,7 @@ from keraslm import artifacts
 
 STEP_SIGNATURE = "serving_default"
 GENERATE_SIGNATURE = "generate"
+BEAM_SEARCH_SIGNATURE = "beam_search"
 
 
 def predict_path(model_name, version=None):
@@ -92,6 +93,16 @@ def generate_inputs(prompts, max_new_tokens=50, temperature=0.8, top_k=0, top_p=
         "top_k": np.int32(top_k),
         "top_p": np.float32(top_p),
         "seed": np.int64(seed),
+    }
+
+
+def beam_search_inputs(prompts, max_new_tokens=20, beam_width=4, num_return=1):
+    """Inputs of the beam_search signature, typed as the signature declares them."""
+    return {
+        "prompt": np.asarray(prompts, dtype=object),
+        "max_new_tokens": np.int32(max_new_tokens),
+        "beam_width": np.int32(beam_width),
+        "num_return": np.int32(num_return),
     }
 
 
