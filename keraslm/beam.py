@@ -21,7 +21,7 @@ The rule, stated once (the SavedModel's `beam_search` signature does the same in
    finished (then the better-ranked) hypothesis first. The N best are returned.
 
 Memory: the search holds [beam_width, V] logits and candidates and [beam_width, num_tokens] tokens
-at once; `check_beam_memory` refuses a search that would not fit, before it starts.
+and parent beams at once; `check_beam_memory` refuses a search that would not fit, before it starts.
 """
 
 import dataclasses
@@ -72,7 +72,7 @@ def check_beam_memory(beam_width, prompt_length, num_tokens, vocabulary_size):
 
     Counted: the prompt's float32 logits [T0, V]; per step the float32 logits, the float64
     log-probabilities, candidates and their partition, [2 x beam_width, V] with `<eos>` stopping; and
-    the beams' tokens before and after reordering, with the finished ones, [3 x beam_width, num_tokens].
+    each step's tokens and parent beams, with the rows read back, [3 x beam_width, num_tokens].
     """
     needed = 4 * prompt_length * vocabulary_size + 2 * 28 * beam_width * vocabulary_size
     needed += 3 * 4 * beam_width * num_tokens
@@ -133,8 +133,10 @@ class _Finished:
         Log-probabilities are ≤ 0, so a score only falls; with alpha ≥ 0 the penalty grows with the
         length, so score / penalty(num_tokens) bounds every ranking score a beam can still reach.
         """
-        if len(self.hypotheses) < self.size or not len(scores):
-            return not len(scores)
+        if not len(scores):
+            return True
+        if len(self.hypotheses) < self.size:
+            return False
         best = scores.max() / length_penalty(num_tokens, self.alpha)
         return best <= self.hypotheses[-1].ranking_score
 
@@ -162,33 +164,50 @@ def beam_search(step, prompt_ids, state, num_tokens, beam_width, num_return=1, a
     """
     check_beam_settings(num_tokens, beam_width, num_return, alpha)
     logits, state = step(np.asarray(prompt_ids, np.int32)[None, :], state)
-    scores, tokens = np.zeros(1), np.zeros((1, 0), np.int32)
+    scores, history = np.zeros(1), _History()
     finished = _Finished(num_return, alpha)
     for t in range(num_tokens):
         width = beam_width if eos_id is None else 2 * beam_width
-        beams, next_ids, next_scores = best_candidates(scores, log_softmax(logits[:, -1]), width)
+        beams, next_ids, scores = best_candidates(scores, log_softmax(logits[:, -1]), width)
         if eos_id is not None:
-            beams, next_ids, next_scores = _set_aside_eos(
-                beams, next_ids, next_scores, tokens, eos_id, beam_width, finished
-            )
-            beams, next_ids, next_scores = beams[:beam_width], next_ids[:beam_width], next_scores[:beam_width]
-        tokens = np.concatenate([tokens[beams], next_ids[:, None]], axis=1)
-        scores = next_scores
+            beams, next_ids, scores = _set_aside_eos(beams, next_ids, scores, history, eos_id, beam_width, finished)
+            beams, next_ids, scores = beams[:beam_width], next_ids[:beam_width], scores[:beam_width]
+        history.append(beams, next_ids)
         if finished.beats(scores, num_tokens) or t + 1 == num_tokens:
             break
         # Only the beams still open are stepped: a batch of 0 rows would abort ONNX Runtime's kernels.
         logits, state = step(next_ids[:, None], {name: rows[beams] for name, rows in state.items()})
-    for row, score in zip(tokens, scores, strict=True):
+    for row, score in zip(history.rows(np.arange(len(scores))), scores, strict=True):
         finished.add(row, score, False)
     return finished.hypotheses
 
 
-def _set_aside_eos(beams, next_ids, next_scores, tokens, eos_id, beam_width, finished):
+class _History:
+    """The beams' tokens as a tree: each step's tokens and the beams of the step before that they
+    extend. A step costs O(beam_width), not a copy of every beam's tokens so far."""
+
+    def __init__(self):
+        self.tokens, self.parents = [], []
+
+    def append(self, parents, tokens):
+        self.parents.append(np.asarray(parents, np.int32))
+        self.tokens.append(np.asarray(tokens, np.int32))
+
+    def rows(self, beams):
+        """The tokens [len(beams), steps] of the last step's `beams`, read back to the first step."""
+        out = np.empty((len(beams), len(self.tokens)), np.int32)
+        for t in reversed(range(len(self.tokens))):
+            out[:, t] = self.tokens[t][beams]
+            beams = self.parents[t][beams]
+        return out
+
+
+def _set_aside_eos(beams, next_ids, scores, history, eos_id, beam_width, finished):
     """Rule 4: candidates ending in eos_id go to `finished` if they rank within the first
     `beam_width`; the candidates that go on are the others, in rank order."""
     ends = next_ids == eos_id
     for rank in np.flatnonzero(ends):
         if rank < beam_width:
-            finished.add([*tokens[beams[rank]], eos_id], next_scores[rank], True)
+            finished.add([*history.rows(beams[rank : rank + 1])[0], eos_id], scores[rank], True)
     keep = ~ends
-    return beams[keep], next_ids[keep], next_scores[keep]
+    return beams[keep], next_ids[keep], scores[keep]
