@@ -320,3 +320,15 @@ def test_the_signature_refuses_requests_beyond_its_bounds(served, arguments, mes
     # Still serving after every refusal.
     out = served.run(serving.BEAM_SEARCH_SIGNATURE, serving.beam_search_inputs([PROMPT], 2, 2, 2))
     assert out["tokens"].shape == (1, 2, 2)
+
+
+def test_beam_search_on_the_onnx_path_never_imports_tensorflow(model, tmp_path):
+    from conftest import run_script
+
+    blocker = tmp_path / "blocker" / "tensorflow"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('the onnx path must not import TensorFlow')\n")
+    argv = [model[1], "--prompt", PROMPT, "--num-tokens", "4", "--beam-width", "3", "--num-return", "2"]
+    result = run_script("sample.py", *argv, env={"PYTHONPATH": str(blocker.parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("--- 1 of 2: log-probability -")
