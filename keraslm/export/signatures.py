@@ -9,7 +9,7 @@ every argument before it allocates anything (`_Checks`), so a request can never 
 import numpy as np
 import tensorflow as tf
 
-from keraslm import __version__, artifacts, graph_sampling
+from keraslm import __version__, artifacts, graph_beam, graph_sampling
 from keraslm.export.onnx_step import OPSET as ONNX_OPSET
 from keraslm.model import ModelLayers, build_primer_model
 from keraslm.sampling import MIN_TEMPERATURE
@@ -299,7 +299,7 @@ class ServingFunctions:
         weights = self.token_step.weights()
 
         def body(t, logits, states, scores, tokens, parents):
-            beams, next_ids, scores = self._best_candidates(logits, scores, beam_width)
+            beams, next_ids, scores = graph_beam.best_candidates(logits, scores, beam_width, self.vocabulary_size)
             rows = tf.reshape(beams + beam_width * tf.range(batch)[:, None], [-1])
             states = {name: tf.gather(value, rows) for name, value in states.items()}
             logits, states = self._one_token(tf.reshape(next_ids, [-1]), states, weights)
@@ -310,34 +310,9 @@ class ServingFunctions:
         _, _, _, scores, tokens, parents = tf.while_loop(
             lambda t, *_: t < max_new_tokens, body, (0, logits, states, scores, *history)
         )
-        ids = self._trace_back(tokens.stack(), parents.stack(), num_return)  # [B, N, T]
+        ids = graph_beam.trace_back(tokens.stack(), parents.stack(), num_return)  # [B, N, T]
         texts = tf.reshape(self._decode(tf.reshape(ids, [batch * num_return, max_new_tokens])), [batch, num_return])
         return {"texts": texts, "tokens": ids, "scores": tf.cast(scores[:, :num_return], tf.float32)}
-
-    def _best_candidates(self, logits, scores, beam_width):
-        """keraslm.beam's rule 3 on [B x K, V] logits and [B, K] scores: per prompt, the beam [B, K]
-        each of the K best candidates extends, its token [B, K] and its score [B, K] (float64)."""
-        size = self.vocabulary_size
-        log_probs = tf.nn.log_softmax(tf.cast(logits, tf.float64))
-        candidates = scores[:, :, None] + tf.reshape(log_probs, tf.stack([-1, beam_width, size]))
-        # Flat index beam x V + token; top_k puts the lower index first among equal values, which
-        # is keraslm.beam's tie order (the better-ranked beam, then the lower id).
-        best = tf.math.top_k(tf.reshape(candidates, tf.stack([-1, beam_width * size])), beam_width)
-        return best.indices // size, best.indices % size, best.values
-
-    def _trace_back(self, tokens, parents, num_return):
-        """The tokens [B, N, T] of the N best final beams, from each step's tokens and parent
-        beams [T, B, K], followed from the last step back to the first."""
-        steps = tf.shape(tokens)[0]
-        beams = tf.tile(tf.range(num_return)[None, :], tf.stack([tf.shape(tokens)[1], 1]))  # [B, N]
-
-        def body(t, beams, out):
-            out = out.write(t, tf.gather(tokens[t], beams, batch_dims=1))
-            return t - 1, tf.gather(parents[t], beams, batch_dims=1), out
-
-        out = tf.TensorArray(tf.int32, size=steps, element_shape=[None, None])
-        _, _, out = tf.while_loop(lambda t, *_: t >= 0, body, (steps - 1, beams, out))
-        return tf.transpose(out.stack(), [1, 2, 0])
 
 
 class PromptTokenizer:
