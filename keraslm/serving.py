@@ -107,11 +107,12 @@ def beam_search_inputs(prompts, max_new_tokens=20, beam_width=4, num_return=1):
 
 
 def examples(description, prompts=("ROMEO:",), tokens=((0, 1, 2),)):
-    """The request examples of docs/export-and-serving.md for an export: {signature: REST body} for both
-    signatures."""
+    """The request examples of docs/export-and-serving.md for an export: {signature: REST body} for every
+    signature."""
     return {
         STEP_SIGNATURE: rest_body(STEP_SIGNATURE, step_inputs(description, tokens)),
         GENERATE_SIGNATURE: rest_body(GENERATE_SIGNATURE, generate_inputs(list(prompts))),
+        BEAM_SEARCH_SIGNATURE: rest_body(BEAM_SEARCH_SIGNATURE, beam_search_inputs(list(prompts))),
     }
 
 
