@@ -45,7 +45,7 @@ def parse_args(argv):
     p.add_argument("--num-samples", type=int, help="continuations drawn as one batch (default 1)")
     p.add_argument("--skip-unknown", action="store_true", help="char level: drop prompt characters the model lacks")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one sample)")
-    p.add_argument("--out", help="also write the samples to this file")
+    p.add_argument("--out", help="also write the samples to this file (with --beam-width: JSON lines)")
     p.add_argument(
         "--int8",
         action="store_true",
@@ -57,15 +57,23 @@ def parse_args(argv):
     )
     beam = p.add_argument_group("beam search (instead of sampling)")
     beam.add_argument(
-        "--beam-width", type=int, help="keep the K most likely hypotheses at each step (1 = greedy decoding)"
+        "--beam-width",
+        type=int,
+        metavar="K",
+        help="keep the K most likely hypotheses at each step (1 = greedy decoding)",
     )
     beam.add_argument(
-        "--num-return", type=int, default=1, help="print the N best, N <= --beam-width (default %(default)s)"
+        "--num-return",
+        type=int,
+        default=1,
+        metavar="N",
+        help="print the N best, N <= --beam-width (default %(default)s)",
     )
     beam.add_argument(
         "--length-penalty",
         type=float,
         default=0.0,
+        metavar="A",
         help="rank hypotheses by log-probability / ((5 + length) / 6) ** A, GNMT's penalty (default %(default)g = off)",
     )
     beam.add_argument("--stop-at-eos", action="store_true", help="word level: a hypothesis ends at <eos>")
