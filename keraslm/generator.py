@@ -1,13 +1,16 @@
-"""Text from an opened model: a prompt in, its samples out, by the one sampling rule.
+"""Text from an opened model: a prompt in, its samples (or its most likely continuations) out.
 
-`keraslm.load` returns a `Generator` and sample.py runs `Generator.generate`, so one seed gives one
-text from either. No TensorFlow is imported here: the backend brings whatever it needs.
+`keraslm.load` returns a `Generator` and sample.py runs `Generator.generate` (or, with --beam-width,
+`Generator.beam_search`), so one seed gives one text from either. No TensorFlow is imported here:
+the backend brings whatever it needs.
 """
 
 import numpy as np
 
+from keraslm.beam import beam_search, check_beam_memory, check_beam_settings
 from keraslm.errors import ArgumentError
 from keraslm.sampling import TOP_K_OFF, TOP_P_OFF, check_memory, generate, make_sampler
+from keraslm.vocab import EOS
 
 
 def check_request(num_tokens, num_samples, stream=False):
@@ -91,6 +94,58 @@ class Generator:
             texts = self._sample(ids, shown, num_tokens, sampler, rng, num_samples, stream)
         return [self.vocab.join(shown, text) for text in texts]
 
+    def beam_search(
+        self,
+        prompt="",
+        num_tokens=20,
+        beam_width=4,
+        num_return=1,
+        length_penalty=0.0,
+        *,
+        stop_at_eos=False,
+        seed=0,
+        skip_unknown=False,
+    ):
+        """The `num_return` most likely continuations of `prompt`, by beam search (keraslm.beam).
+
+        Args:
+            prompt: text to continue; "" starts from the start token (or a token drawn with `seed`).
+            num_tokens: the most tokens to generate after the prompt.
+            beam_width: hypotheses kept at each step; 1 is greedy decoding.
+            num_return: continuations returned, at most `beam_width`.
+            length_penalty: alpha of GNMT's ((5 + length) / 6) ** alpha, which the hypotheses'
+                log-probabilities are divided by to rank them (0 = rank by log-probability).
+            stop_at_eos: word level: a hypothesis ends at `<eos>` (kept, `<eos>` included).
+            seed: only draws the first token of an empty prompt when the vocabulary has no start token.
+            skip_unknown: char level: drop prompt characters the model lacks instead of refusing.
+
+        Returns:
+            Up to `num_return` dicts, best first: `text` (prompt and continuation), `continuation`,
+            `tokens` (the continuation's ids), `score` (its total log-probability, natural log),
+            `ranking_score` (score / length penalty) and `finished` (stopped at `<eos>`).
+
+        Raises:
+            ArgumentError: a setting out of range, named as above.
+            UsageError: a prompt the vocabulary cannot encode, or a search larger than memory.
+
+        Example:
+            >>> generator.beam_search("ROMEO:", num_tokens=10, beam_width=4, num_return=2)  # doctest: +SKIP
+            [{'text': 'ROMEO: ...', 'score': -9.81, ...}, {...}]
+        """
+        check_beam_settings(num_tokens, beam_width, num_return, length_penalty)
+        vocab = self.vocab
+        if stop_at_eos and vocab.level != "word":
+            raise ArgumentError("{stop_at_eos} needs a word-level model (one with <eos>); this one is char level")
+        ids = vocab.encode_prompt(prompt, np.random.default_rng(seed), skip_unknown=skip_unknown)
+        shown = prompt if prompt else vocab.decode(ids)
+        check_beam_memory(beam_width, len(ids), num_tokens, len(vocab))
+        eos_id = vocab.index[EOS] if stop_at_eos else None
+        found = beam_search(
+            self.backend.step, ids, self.backend.initial_state(1), num_tokens, beam_width, num_return,
+            length_penalty, eos_id,
+        )  # fmt: skip
+        return [_beam_result(vocab, shown, h) for h in found]
+
     def _sample(self, ids, shown, num_tokens, sampler, rng, num_samples, stream):
         """The NumPy loop over the backend's step: the decoded continuations."""
         vocab = self.vocab
@@ -105,6 +160,19 @@ class Generator:
             stream.write("\n")
             stream.flush()
         return [vocab.decode(row) for row in tokens]
+
+
+def _beam_result(vocab, shown, hypothesis):
+    """A Hypothesis as beam_search returns it: plain Python values, ready for JSON."""
+    continuation = vocab.decode(hypothesis.tokens)
+    return {
+        "text": vocab.join(shown, continuation),
+        "continuation": continuation,
+        "tokens": hypothesis.tokens.tolist(),
+        "score": hypothesis.score,
+        "ranking_score": hypothesis.ranking_score,
+        "finished": hypothesis.finished,
+    }
 
 
 def _streamer(vocab, shown, stream):

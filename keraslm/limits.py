@@ -6,8 +6,10 @@ anything and refuse a request beyond them with InvalidArgument naming the argume
 
     max_new_tokens      tokens one `generate` request may ask for
     max_prompt_tokens   tokens in one prompt of `generate`
-    max_batch_tokens    rows × length of one request: `serving_default`'s tokens [B, T], and
-                        `generate`'s padded prompts [B, longest] and its output [B, max_new_tokens]
+    max_batch_tokens    rows × length of one request: `serving_default`'s tokens [B, T],
+                        `generate`'s padded prompts [B, longest] and its output [B, max_new_tokens],
+                        and `beam_search`'s beams [B × beam_width, max_new_tokens]
+    max_beam_width      the widest beam of one `beam_search` request
 
 Prompts arrive as bytes, so before tokenising, `generate` also bounds their bytes by
 BYTES_PER_TOKEN per token (see `max_prompt_bytes`): the tokeniser's own allocation stays bounded.
@@ -36,14 +38,16 @@ class ServingLimits:
         max_new_tokens: the largest `max_new_tokens` of a `generate` request.
         max_prompt_tokens: the most tokens in one prompt.
         max_batch_tokens: the most rows × length in one request.
+        max_beam_width: the largest `beam_width` of a `beam_search` request.
 
     Example:
-        limits = ServingLimits.default(vocabulary_size=65)   # 4096, 4096, 65536
+        limits = ServingLimits.default(vocabulary_size=65)   # 4096, 4096, 65536, 64
     """
 
     max_new_tokens: int = 4096
     max_prompt_tokens: int = 4096
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS
+    max_beam_width: int = 64
 
     @classmethod
     def default(cls, vocabulary_size, **overrides):
@@ -72,7 +76,7 @@ class ServingLimits:
                 raise ArgumentError.about(field.name, f"must be an integer in [1, {LARGEST_LIMIT}], got {value}")
 
     def to_dict(self):
-        """keraslm.json's `limits`: the three limits and the two byte bounds they imply."""
+        """keraslm.json's `limits`: the limits and the two byte bounds they imply."""
         return dataclasses.asdict(self) | {
             "max_prompt_bytes": self.max_prompt_bytes,
             "max_request_bytes": self.max_request_bytes,

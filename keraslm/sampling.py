@@ -189,6 +189,14 @@ def make_sampler(temperature=1.0, top_k=TOP_K_OFF, top_p=TOP_P_OFF):
     return Sampler(temperature)
 
 
+def memory_budget():
+    """The most memory one generation may ask for: half the machine's physical memory (bytes)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
+        return 2**32
+
+
 def check_memory(batch_size, prompt_length, num_tokens, vocabulary_size):
     """Refuse a generation that would need more than half the machine's memory, before it starts.
 
@@ -205,15 +213,12 @@ def check_memory(batch_size, prompt_length, num_tokens, vocabulary_size):
 
 
 def refuse_over_memory(needed, what, remedy):
-    """Refuse work that needs `needed` bytes when that is over half the machine's memory: one line
-    naming `what` and the `remedy`, instead of an allocation that aborts or swaps the process."""
-    try:
-        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):  # no sysconf (Windows)
-        budget = 2**32
+    """Refuse work that needs `needed` bytes when that is over memory_budget(): one line naming
+    `what` and the `remedy`, instead of an allocation that aborts or swaps the process."""
+    budget = memory_budget()
     if needed > budget:
         raise UsageError(
-            f"{what} need about {needed / 1e9:,.1f} GB of memory, more than half of this machine's"
+            f"{what}: about {needed / 1e9:,.1f} GB of memory needed, more than half of this machine's"
             f" {2 * budget / 1e9:.0f} GB; {remedy}"
         )
 

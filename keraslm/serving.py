@@ -17,6 +17,7 @@ from keraslm import artifacts
 
 STEP_SIGNATURE = "serving_default"
 GENERATE_SIGNATURE = "generate"
+BEAM_SEARCH_SIGNATURE = "beam_search"
 
 
 def predict_path(model_name, version=None):
@@ -95,12 +96,23 @@ def generate_inputs(prompts, max_new_tokens=50, temperature=0.8, top_k=0, top_p=
     }
 
 
+def beam_search_inputs(prompts, max_new_tokens=20, beam_width=4, num_return=1):
+    """Inputs of the beam_search signature, typed as the signature declares them."""
+    return {
+        "prompt": np.asarray(prompts, dtype=object),
+        "max_new_tokens": np.int32(max_new_tokens),
+        "beam_width": np.int32(beam_width),
+        "num_return": np.int32(num_return),
+    }
+
+
 def examples(description, prompts=("ROMEO:",), tokens=((0, 1, 2),)):
-    """The request examples of docs/export-and-serving.md for an export: {signature: REST body} for both
-    signatures."""
+    """The request examples of docs/export-and-serving.md for an export: {signature: REST body} for every
+    signature."""
     return {
         STEP_SIGNATURE: rest_body(STEP_SIGNATURE, step_inputs(description, tokens)),
         GENERATE_SIGNATURE: rest_body(GENERATE_SIGNATURE, generate_inputs(list(prompts))),
+        BEAM_SEARCH_SIGNATURE: rest_body(BEAM_SEARCH_SIGNATURE, beam_search_inputs(list(prompts))),
     }
 
 

@@ -45,14 +45,16 @@ def decode_rest_inputs(body, specs):
     return arrays
 
 
-@pytest.mark.parametrize("name", [serving.STEP_SIGNATURE, serving.GENERATE_SIGNATURE])
+@pytest.mark.parametrize("name", [serving.STEP_SIGNATURE, serving.GENERATE_SIGNATURE, serving.BEAM_SEARCH_SIGNATURE])
 def test_rest_examples_match_the_signatures_and_run(export, name):
     model, description = export
     body = json.loads(json.dumps(serving.examples(description)[name]))  # as sent over the wire
     assert body["signature_name"] == name
     outputs = model.run(name, decode_rest_inputs(body, model.input_specs(name)))
     response = {
-        "outputs": {k: v.tolist() if v.dtype != object else [s.decode() for s in v] for k, v in outputs.items()}
+        "outputs": {
+            k: (v if v.dtype != object else np.char.decode(v.astype(bytes))).tolist() for k, v in outputs.items()
+        }
     }
     decoded = serving.rest_outputs(json.loads(json.dumps(response)))
     assert set(decoded) == set(model.output_specs(name))
@@ -63,6 +65,7 @@ def test_grpc_requests_match_the_signatures_and_run(export):
     for name, inputs in (
         (serving.STEP_SIGNATURE, serving.step_inputs(description, [[3, 4, 5]])),
         (serving.GENERATE_SIGNATURE, serving.generate_inputs(["the <unk> of", ""], 7)),
+        (serving.BEAM_SEARCH_SIGNATURE, serving.beam_search_inputs(["the <unk> of", ""], 7, 3, 2)),
     ):
         request = serving.grpc_request("lm", name, inputs, version=1)
         request = type(request).FromString(request.SerializeToString())  # over the wire
@@ -76,6 +79,8 @@ def test_grpc_requests_match_the_signatures_and_run(export):
         outputs = model.run(name, arrays)
         if name == serving.GENERATE_SIGNATURE:
             assert outputs["tokens"].shape == (2, 7)
+        if name == serving.BEAM_SEARCH_SIGNATURE:
+            assert outputs["tokens"].shape == (2, 2, 7) and outputs["scores"].shape == (2, 2)
 
 
 def test_predict_path():

@@ -30,6 +30,11 @@ def parse_args(argv):
         f" {LOGITS_BYTES // (4 * DEFAULT_BATCH_TOKENS)} tokens so that serving_default's float32 logits stay"
         f" within {LOGITS_BYTES / 2**30:g} GiB)",
     )
+    limits.add_argument(
+        "--max-beam-width",
+        type=int,
+        help=f"widest beam of a beam_search request (default {ServingLimits.max_beam_width})",
+    )
     return p.parse_args(argv)
 
 
@@ -37,7 +42,8 @@ def main(argv=None):
     args = parse_args(argv)
     from keraslm.export import export_run  # TensorFlow loads here, after the argument checks
 
-    limits = {name: getattr(args, name) for name in ("max_new_tokens", "max_prompt_tokens", "max_batch_tokens")}
+    names = ("max_new_tokens", "max_prompt_tokens", "max_batch_tokens", "max_beam_width")
+    limits = {name: getattr(args, name) for name in names}
     version_dir, report = export_run(args.run_dir, args.out, args.name, args.version, args.overwrite, limits)
     sizes = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in report["sizes"].items())
     print(f"exported {version_dir} in {report['seconds']:.1f} s ({sizes})")

@@ -2,17 +2,18 @@
 SavedModel and keraslm.json written from them.
 
 `serving_default` is one step of the stateless twin; `generate` tokenises, primes and samples in
-the graph. Both check every argument before they allocate anything (`_Checks`), so a request can
-never take TF Serving down.
+the graph; `beam_search` tokenises, primes and runs keraslm.beam's search in the graph. Each checks
+every argument before it allocates anything (`_Checks`), so a request can never take TF Serving down.
 """
 
+import numpy as np
 import tensorflow as tf
 
-from keraslm import __version__, artifacts, graph_sampling
+from keraslm import __version__, artifacts, graph_beam, graph_sampling
 from keraslm.export.onnx_step import OPSET as ONNX_OPSET
 from keraslm.model import ModelLayers, build_primer_model
 from keraslm.sampling import MIN_TEMPERATURE
-from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE
+from keraslm.serving import BEAM_SEARCH_SIGNATURE, GENERATE_SIGNATURE, STEP_SIGNATURE
 from keraslm.states import in_name, input_name, layer_state_names, output_name, state_names
 from keraslm.token_step import TokenStep
 
@@ -26,8 +27,9 @@ class ServingFunctions:
     """The exported signatures as tf.functions over the stateless twin's weights.
 
     `step(tokens, h0_in, …)` is serving_default; `generate(prompt, …)` tokenises, primes the
-    state with the whole prompt in one pass and samples in a `tf.while_loop`. Both check every
-    argument against `limits` before they allocate anything (see `_Checks`).
+    state with the whole prompt in one pass and samples in a `tf.while_loop`; `beam_search(prompt,
+    …)` primes the same way and keeps the best `beam_width` hypotheses of each prompt in one. Each
+    checks every argument against `limits` before it allocates anything (see `_Checks`).
 
     Args:
         config: the run's RunConfig.
@@ -66,6 +68,15 @@ class ServingFunctions:
                 tf.TensorSpec([], tf.int32, name="top_k"),
                 tf.TensorSpec([], tf.float32, name="top_p"),
                 tf.TensorSpec([], tf.int64, name="seed"),
+            ],
+        )
+        self.beam_search = tf.function(
+            self._beam_search,
+            input_signature=[
+                tf.TensorSpec([None], tf.string, name="prompt"),
+                tf.TensorSpec([], tf.int32, name="max_new_tokens"),
+                tf.TensorSpec([], tf.int32, name="beam_width"),
+                tf.TensorSpec([], tf.int32, name="num_return"),
             ],
         )
 
@@ -138,10 +149,91 @@ class ServingFunctions:
         """The generate arguments after every check on them passed (see _Checks), the prompts as
         ragged ids [B, (length)]: the arguments themselves first, then the prompts' token counts."""
         limits, checks = self.limits, _Checks()
-        scalars = [max_new_tokens, temperature, top_k, top_p, seed]
         # No rank checks: see _step (a scalar fed as [n] fails TF's own checks with InvalidArgument).
         batch = tf.size(prompt)
-        prompt, *scalars = self._check_arguments(checks, batch, prompt, *scalars)
+        self._check_prompt_count(checks, batch, prompt)
+        self._check_new_tokens(checks, max_new_tokens)
+        checks.require(
+            lambda: batch * max_new_tokens <= limits.max_batch_tokens,
+            f"prompts × max_new_tokens must be at most {limits.max_batch_tokens}; got prompts, max_new_tokens",
+            lambda: tf.stack([batch, max_new_tokens]),
+        )
+        checks.require(
+            lambda: tf.equal(temperature, 0.0) | ((temperature >= MIN_TEMPERATURE) & tf.math.is_finite(temperature)),
+            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got",
+            temperature,
+        )
+        checks.require(lambda: top_k >= 0, "top_k must be >= 0 (0 = off), got", top_k)
+        checks.require(lambda: (top_p > 0.0) & (top_p <= 1.0), "top_p must be in (0, 1] (1 = off), got", top_p)
+        self._check_prompt_bytes(checks, prompt)
+        prompt, *scalars = checks.passed(prompt, max_new_tokens, temperature, top_k, top_p, seed)
+        return self._tokenize_checked(checks, batch, prompt), *scalars
+
+    def _check_beam_request(self, prompt, max_new_tokens, beam_width, num_return):
+        """The beam_search arguments once every check passed, the prompts as ragged ids, as
+        `_check_request` does for generate: the beams of all prompts and their tokens,
+        [B x beam_width, max_new_tokens], are bounded by max_batch_tokens like generate's output."""
+        limits, checks = self.limits, _Checks()
+        batch = tf.size(prompt)
+        self._check_prompt_count(checks, batch, prompt)
+        self._check_new_tokens(checks, max_new_tokens)
+        checks.require(
+            lambda: (beam_width >= 1) & (beam_width <= limits.max_beam_width),
+            f"beam_width must be in [1, {limits.max_beam_width}], got",
+            beam_width,
+        )
+        checks.require(
+            lambda: (num_return >= 1) & (num_return <= beam_width),
+            "num_return must be in [1, beam_width]; got num_return, beam_width",
+            lambda: tf.stack([num_return, beam_width]),
+        )
+        checks.require(  # in int64: the product of three int32 limits overflows int32
+            lambda: (
+                tf.cast(batch, tf.int64) * tf.cast(beam_width, tf.int64) * tf.cast(max_new_tokens, tf.int64)
+                <= limits.max_batch_tokens
+            ),
+            f"prompts × beam_width × max_new_tokens must be at most {limits.max_batch_tokens}; got prompts,"
+            " beam_width, max_new_tokens",
+            lambda: tf.stack([batch, beam_width, max_new_tokens]),
+        )
+        self._check_prompt_bytes(checks, prompt)
+        prompt, *scalars = checks.passed(prompt, max_new_tokens, beam_width, num_return)
+        return self._tokenize_checked(checks, batch, prompt), *scalars
+
+    def _check_prompt_count(self, checks, batch, prompt):
+        limit = self.limits.max_batch_tokens
+        checks.require(
+            lambda: (batch >= 1) & (batch <= limit),
+            f"prompt must be a list of 1 to {limit} strings, got shape",
+            tf.shape(prompt),
+        )
+
+    def _check_new_tokens(self, checks, max_new_tokens):
+        limit = self.limits.max_new_tokens
+        checks.require(
+            lambda: (max_new_tokens >= 1) & (max_new_tokens <= limit),
+            f"max_new_tokens must be in [1, {limit}], got",
+            max_new_tokens,
+        )
+
+    def _check_prompt_bytes(self, checks, prompt):
+        """Bytes first: they bound what tokenising allocates."""
+        limits = self.limits
+        size = tf.strings.length(prompt)
+        checks.require(
+            lambda: tf.reduce_max(size) <= limits.max_prompt_bytes,
+            f"each prompt must be at most {limits.max_prompt_bytes} bytes, the longest has",
+            lambda: tf.reduce_max(size),
+        )
+        checks.require(
+            lambda: tf.reduce_sum(size) <= limits.max_request_bytes,
+            f"the prompts together must be at most {limits.max_request_bytes} bytes, got",
+            lambda: tf.reduce_sum(size),
+        )
+
+    def _tokenize_checked(self, checks, batch, prompt):
+        """Ragged ids [B, (length)] of prompts that passed `checks`, once their token counts pass too."""
+        limits = self.limits
         ids = self.tokenizer(prompt)
         lengths = ids.row_lengths()
         longest = tf.cast(tf.reduce_max(lengths), tf.int32)
@@ -156,51 +248,10 @@ class ServingFunctions:
             lambda: tf.stack([batch, longest]),
         )
         values, row_splits = checks.passed(ids.flat_values, ids.row_splits)
-        return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False), *scalars
+        return tf.RaggedTensor.from_row_splits(values, row_splits, validate=False)
 
-    def _check_arguments(self, checks, batch, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        """Add the checks on the request's arguments to `checks`; return them, readable once passed."""
-        limits = self.limits
-        checks.require(
-            lambda: (batch >= 1) & (batch <= limits.max_batch_tokens),
-            f"prompt must be a list of 1 to {limits.max_batch_tokens} strings, got shape",
-            tf.shape(prompt),
-        )
-        checks.require(
-            lambda: (max_new_tokens >= 1) & (max_new_tokens <= limits.max_new_tokens),
-            f"max_new_tokens must be in [1, {limits.max_new_tokens}], got",
-            max_new_tokens,
-        )
-        checks.require(
-            lambda: batch * max_new_tokens <= limits.max_batch_tokens,
-            f"prompts × max_new_tokens must be at most {limits.max_batch_tokens}; got prompts, max_new_tokens",
-            lambda: tf.stack([batch, max_new_tokens]),
-        )
-        checks.require(
-            lambda: tf.equal(temperature, 0.0) | ((temperature >= MIN_TEMPERATURE) & tf.math.is_finite(temperature)),
-            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got",
-            temperature,
-        )
-        checks.require(lambda: top_k >= 0, "top_k must be >= 0 (0 = off), got", top_k)
-        checks.require(lambda: (top_p > 0.0) & (top_p <= 1.0), "top_p must be in (0, 1] (1 = off), got", top_p)
-        # Bytes first: they bound what tokenising allocates.
-        size = tf.strings.length(prompt)
-        checks.require(
-            lambda: tf.reduce_max(size) <= limits.max_prompt_bytes,
-            f"each prompt must be at most {limits.max_prompt_bytes} bytes, the longest has",
-            lambda: tf.reduce_max(size),
-        )
-        checks.require(
-            lambda: tf.reduce_sum(size) <= limits.max_request_bytes,
-            f"the prompts together must be at most {limits.max_request_bytes} bytes, got",
-            lambda: tf.reduce_sum(size),
-        )
-        return checks.passed(prompt, max_new_tokens, temperature, top_k, top_p, seed)
-
-    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
-        ids, max_new_tokens, temperature, top_k, top_p, seed = self._check_request(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed
-        )
+    def _prime(self, ids, seed):
+        """Logits [B, V] of each prompt's next token and the states after it, prompts primed in one pass."""
         tokens, mask = self._pad(ids, seed)
         batch = tf.shape(tokens)[0]
         zeros = tf.zeros([batch, self.model_config.hidden_dim], tf.float32)
@@ -211,8 +262,14 @@ class ServingFunctions:
         # The top layer's last h (its first state) is its output at the last position (prompts
         # are left-padded).
         top = layer_state_names(self.model_config.cell, self.model_config.num_layers - 1)[0]
-        logits = self._project(states[input_name(top)])
+        return self._project(states[input_name(top)]), states
 
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, seed):
+        ids, max_new_tokens, temperature, top_k, top_p, seed = self._check_request(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed
+        )
+        logits, states = self._prime(ids, seed)
+        batch = tf.shape(logits)[0]
         weights = self.token_step.weights()  # split once per call, outside the loop
 
         def body(t, logits, states, generated):
@@ -225,6 +282,37 @@ class ServingFunctions:
         _, _, _, generated = tf.while_loop(lambda t, *_: t < max_new_tokens, body, (0, logits, states, generated))
         ids = tf.reshape(tf.transpose(generated.stack()), [batch, max_new_tokens])
         return {"text": self._decode(ids), "tokens": ids}
+
+    def _beam_search(self, prompt, max_new_tokens, beam_width, num_return):
+        ids, max_new_tokens, beam_width, num_return = self._check_beam_request(
+            prompt, max_new_tokens, beam_width, num_return
+        )
+        # An empty prompt of a vocabulary without a start token starts from a token seeded with 0.
+        logits, states = self._prime(ids, tf.constant(0, tf.int64))
+        batch = tf.shape(logits)[0]
+        # Row b x beam_width + k is beam k of prompt b. Every prompt starts as beam 0; the copies
+        # start at -inf, so they rank below every real candidate and are gone once there are enough.
+        logits = tf.repeat(logits, beam_width, axis=0)  # [B x K, V]
+        states = {name: tf.repeat(value, beam_width, axis=0) for name, value in states.items()}
+        first = tf.where(tf.equal(tf.range(beam_width), 0), 0.0, -np.inf)
+        scores = tf.tile(tf.cast(first, tf.float64)[None, :], tf.stack([batch, 1]))  # [B, K]
+        weights = self.token_step.weights()
+
+        def body(t, logits, states, scores, tokens, parents):
+            beams, next_ids, scores = graph_beam.best_candidates(logits, scores, beam_width, self.vocabulary_size)
+            rows = tf.reshape(beams + beam_width * tf.range(batch)[:, None], [-1])
+            states = {name: tf.gather(value, rows) for name, value in states.items()}
+            logits, states = self._one_token(tf.reshape(next_ids, [-1]), states, weights)
+            return t + 1, logits, states, scores, tokens.write(t, next_ids), parents.write(t, beams)
+
+        # Grow with the tokens produced, as generate's do.
+        history = [tf.TensorArray(tf.int32, size=0, dynamic_size=True, element_shape=[None, None]) for _ in "tp"]
+        _, _, _, scores, tokens, parents = tf.while_loop(
+            lambda t, *_: t < max_new_tokens, body, (0, logits, states, scores, *history)
+        )
+        ids = graph_beam.trace_back(tokens.stack(), parents.stack(), num_return)  # [B, N, T]
+        texts = tf.reshape(self._decode(tf.reshape(ids, [batch * num_return, max_new_tokens])), [batch, num_return])
+        return {"texts": texts, "tokens": ids, "scores": tf.cast(scores[:, :num_return], tf.float32)}
 
 
 class PromptTokenizer:
@@ -302,6 +390,7 @@ def write_saved_model(functions, path):
     archive.track(functions.table)  # generate's vocabulary; the endpoints track the variables
     archive.add_endpoint(STEP_SIGNATURE, functions.step)
     archive.add_endpoint(GENERATE_SIGNATURE, functions.generate)
+    archive.add_endpoint(BEAM_SEARCH_SIGNATURE, functions.beam_search)
     # Saving warns about the lookup table's initializer collection; it is harmless (the init op
     # fills the table), so keep the export log clean.
     tf.get_logger().setLevel("ERROR")
