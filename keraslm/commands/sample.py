@@ -49,8 +49,8 @@ def parse_args(argv):
     p.add_argument(
         "--int8",
         action="store_true",
-        help="onnx backend: the int8-weight model (faster on CPUs with int8 instructions; export checks"
-        " that its next-token distributions stay within a mean KL of 0.01 nats of the float model's)",
+        help="onnx and litert backends: the int8-weight model (model.int8.onnx, model.int8.tflite; export"
+        " checks that its next-token distributions stay within a mean KL of 0.01 nats of the float model's)",
     )
     p.add_argument(
         "--in-graph", action="store_true", help="savedmodel backend: sample inside the graph (generate signature)"

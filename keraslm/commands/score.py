@@ -40,7 +40,7 @@ def parse_args(argv):
     )
     p.add_argument("--encoding", default="utf-8", help="of the --text file (default %(default)s)")
     p.add_argument("--per-token", metavar="FILE", help="write each scored token's log-probability as JSON lines")
-    p.add_argument("--int8", action="store_true", help="onnx backend: the int8-weight model")
+    p.add_argument("--int8", action="store_true", help="onnx and litert backends: the int8-weight model")
     serving = p.add_argument_group("tf-serving backend")
     serving.add_argument("--server", help="http://host:8501 (REST) or grpc://host:8500 (gRPC)")
     serving.add_argument("--model-name", help="the name TF Serving serves (default: the export's folder name)")
