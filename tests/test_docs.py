@@ -55,11 +55,11 @@ COVERED_ELSEWHERE = {
     ),
     ("saved_model_cli", "run"): (
         "TensorFlow's own CLI, run on test exports of every cell",
-        "tests/test_serving_loader.py::test_saved_model_cli_runs_both_signatures",
+        "tests/test_serving_loader.py::test_saved_model_cli_runs_every_signature",
     ),
     ("saved_model_cli", "show"): (
-        "lists what saved_model_cli run reads; both signatures are run through it",
-        "tests/test_serving_loader.py::test_saved_model_cli_runs_both_signatures",
+        "lists what saved_model_cli run reads; every signature is run through it",
+        "tests/test_serving_loader.py::test_saved_model_cli_runs_every_signature",
     ),
     ("npm", "install", "--prefix", "tests/node"): (
         "installs onnxruntime-node from the npm registry; the slow test runs npm install --ignore-scripts"

@@ -117,7 +117,7 @@ def saved_model_cli(version_dir, signature, outdir, inputs="", input_exprs=""):
 @pytest.mark.parametrize(
     "cell", ["lstm", *(pytest.param(c, marks=pytest.mark.slow) for c in ("gru", "rnn_tanh", "rnn_relu"))]
 )
-def test_saved_model_cli_runs_both_signatures(tmp_path, cell):
+def test_saved_model_cli_runs_every_signature(tmp_path, cell):
     version_dir = export(tmp_path, cell)
     feed = step_feed(description(version_dir), [[1, 2, 3], [4, 5, 6]])
     for name, value in feed.items():
@@ -134,6 +134,18 @@ def test_saved_model_cli_runs_both_signatures(tmp_path, cell):
     sample = run_script("sample.py", version_dir, "--greedy", "--prompt", "First", "--num-tokens", "30")
     assert sample.returncode == 0, sample.stderr
     assert sample.stdout == "First" + text + "\n"
+
+    exprs = 'prompt=["First"];max_new_tokens=6;beam_width=4;num_return=2'
+    beams = saved_model_cli(version_dir, "beam_search", str(tmp_path / "beam"), input_exprs=exprs)
+    best = tmp_path / "best.jsonl"
+    sample = run_script(
+        "sample.py", version_dir, "--prompt", "First", "--beam-width", "4", "--num-return", "2", "--num-tokens", "6",
+        "--out", best,
+    )  # fmt: skip
+    assert sample.returncode == 0, sample.stderr
+    expected = [json.loads(line) for line in best.read_text().splitlines()]
+    assert [t.decode() for t in beams["texts"][0]] == [e["continuation"] for e in expected]
+    np.testing.assert_allclose(beams["scores"][0], [e["score"] for e in expected], atol=1e-4)
 
 
 # Requests a TF Serving client can send, found by probing the signatures. Each must end in an
