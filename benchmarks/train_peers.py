@@ -3,7 +3,7 @@ would otherwise run, side by side in one command.
 
     pip install torch==2.13.0          # optional, benchmark-only
     python -m benchmarks.train_peers [--config word|char|all] [--cells lstm,gru,...] [--repeats N]
-                                     [--both-precisions]
+                                     [--both-precisions] [--repo DIR]
 
 Configs:
 - word: pytorch/examples' word_language_model (embedding 200, hidden 200, 2 layers, dropout 0.2,
@@ -69,7 +69,7 @@ def char_data():
     return directory
 
 
-def run_keraslm(config, cell, data, extra=()):
+def run_keraslm(config, cell, data, extra=(), repo=ROOT):
     run_dir = os.path.join(tempfile.mkdtemp(prefix="keraslm-bench-"), "run")
     c = CONFIGS[config]
     command = [sys.executable, "train.py", "--data", data, "--level", config, "--cell", cell, "--run-dir", run_dir]
@@ -79,7 +79,7 @@ def run_keraslm(config, cell, data, extra=()):
     else:
         command += ["--lr", str(word_lr(cell))]
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    subprocess.run(command, cwd=repo, check=True, capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     wall = time.perf_counter() - start
     with open(os.path.join(run_dir, "history.csv")) as f:
         last = list(csv.DictReader(f))[-1]
@@ -265,6 +265,9 @@ def main():
     parser.add_argument(
         "--both-precisions", action="store_true", help="run keraslm with --no-mixed-precision and --mixed-precision"
     )
+    parser.add_argument(
+        "--repo", help="also run this checkout's train.py (for example an earlier commit), its own row, taking turns"
+    )
     parser.add_argument("--pytorch-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.pytorch_child:
@@ -288,10 +291,13 @@ def main():
             if args.both_precisions:
                 flags = ("--no-mixed-precision", "--mixed-precision")
                 keraslm = {f"keraslm train.py {flag}": (flag,) for flag in flags}
-            results = {name: [] for name in [*keraslm, *(["PyTorch loop"] if peer else [])]}
+            trainers = {name: (extra, ROOT) for name, extra in keraslm.items()}
+            if args.repo:
+                trainers |= {f"{name} in {args.repo}": (extra, args.repo) for name, extra in keraslm.items()}
+            results = {name: [] for name in [*trainers, *(["PyTorch loop"] if peer else [])]}
             for _ in range(args.repeats):
-                for name, extra in keraslm.items():
-                    results[name].append(run_keraslm(config, cell, data, extra))
+                for name, (extra, repo) in trainers.items():
+                    results[name].append(run_keraslm(config, cell, data, extra, repo))
                 if peer:
                     results["PyTorch loop"].append(run_pytorch(config, cell, data))
             for trainer, runs in results.items():
