@@ -185,6 +185,7 @@ def test_export_script(tmp_path):
     run_dir = make_run(tmp_path)
     result = run_script("export.py", run_dir, "--out", tmp_path / "models", "--check")
     assert result.returncode == 0, result.stderr
+    assert error_lines(result.stderr) == []  # no library's advice or warning reaches the user
     assert "parity onnx_vs_keras" in result.stdout and "LSTM" in result.stdout
     assert "parity litert_vs_onnx" in result.stdout and "model.tflite" in result.stdout
     assert "model.int8.onnx: mean KL" in result.stdout and "model.int8.tflite: mean KL" in result.stdout

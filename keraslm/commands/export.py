@@ -5,7 +5,7 @@ from keraslm.limits import DEFAULT_BATCH_TOKENS, LOGITS_BYTES, ServingLimits
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Export a trained run to saved_models/NAME/VERSION (SavedModel + ONNX).")
+    p = ArgumentParser(description="Export a trained run to saved_models/NAME/VERSION (SavedModel, ONNX, LiteRT).")
     p.add_argument("run_dir", help="a run directory written by train.py")
     p.add_argument("--out", default="saved_models", help="base folder of exported models (default %(default)s)")
     p.add_argument("--name", help="model name, the folder under --out (default: the run directory's name)")
