@@ -1,4 +1,4 @@
-"""Export a run for TF Serving and ONNX Runtime: keraslm-export (or python export.py) RUN_DIR --help."""
+"""Export a run for TF Serving, ONNX Runtime and LiteRT: keraslm-export (or python export.py) RUN_DIR --help."""
 
 from keraslm.cli import ArgumentParser, run_main
 from keraslm.limits import DEFAULT_BATCH_TOKENS, LOGITS_BYTES, ServingLimits
