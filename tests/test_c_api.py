@@ -22,7 +22,9 @@ import tensorflow as tf
 from conftest import make_run, step_feed
 from tensorflow.core.protobuf import saved_model_pb2
 
+import keraslm
 from keraslm.export import export_run
+from keraslm.serving import beam_search_inputs
 
 SOURCE = Path(__file__).resolve().parent / "c_api" / "run_signature.c"
 TOLERANCE = 1e-4
@@ -175,6 +177,22 @@ def test_greedy_generate_through_the_c_api_equals_the_python_session_loader(c_cl
     assert got[outputs["text"]].tolist() == expected["text"].tolist()
     assert len(expected["text"][0]) > 0
     np.testing.assert_array_equal(got[outputs["tokens"]], expected["tokens"])
+
+
+def test_beam_search_through_the_c_api_equals_sample_pys_beam_search(c_client, export):
+    version_dir, description = export
+    level = description["config"]["data"]["level"]
+    prompts = ["ROMEO:\nWhat say", "to be, or"] if level == "char" else ["the city of", "in the"]
+    inputs, outputs = signature_tensors(version_dir, "beam_search")
+    feed = beam_search_inputs([p.encode() for p in prompts], max_new_tokens=8, beam_width=5, num_return=3)
+    got = run_c(c_client, version_dir, {inputs[k]: v for k, v in feed.items()}, list(outputs.values()))
+
+    generator = keraslm.load(version_dir, backend="onnx")  # what sample.py --beam-width runs
+    for row, prompt in enumerate(prompts):
+        expected = generator.beam_search(prompt, num_tokens=8, beam_width=5, num_return=3)
+        assert [t.decode() for t in got[outputs["texts"]][row]] == [e["continuation"] for e in expected]
+        np.testing.assert_array_equal(got[outputs["tokens"]][row], [e["tokens"] for e in expected])
+        np.testing.assert_allclose(got[outputs["scores"]][row], [e["score"] for e in expected], atol=TOLERANCE)
 
 
 def test_an_out_of_vocabulary_token_is_a_clean_invalid_argument(c_client, export):

@@ -181,12 +181,32 @@ def test_failure_midway_leaves_no_partial_version(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "models/lm") == []
 
 
+@pytest.mark.parametrize("damage", ["scores", "ranks"])
+def test_a_beam_search_that_disagrees_with_the_step_is_not_published(tmp_path, monkeypatch, damage):
+    run_dir = make_run(tmp_path)
+    served_run = SessionModel.run
+
+    def damaged(self, signature, inputs):
+        out = served_run(self, signature, inputs)
+        if signature == "beam_search" and damage == "scores":
+            out["scores"] = out["scores"] - 1e-3
+        elif signature == "beam_search":
+            out["tokens"] = out["tokens"][:, ::-1]  # each rank holds another rank's continuation
+        return out
+
+    monkeypatch.setattr(SessionModel, "run", damaged)
+    with pytest.raises(UsageError, match="beam_search check failed"):
+        export_run(str(run_dir), out=str(tmp_path / "models"), name="lm")
+    assert os.listdir(tmp_path / "models/lm") == []
+
+
 def test_export_script(tmp_path):
     run_dir = make_run(tmp_path)
     result = run_script("export.py", run_dir, "--out", tmp_path / "models", "--check")
     assert result.returncode == 0, result.stderr
     assert error_lines(result.stderr) == []  # no library's advice or warning reaches the user
     assert "parity onnx_vs_keras" in result.stdout and "LSTM" in result.stdout
+    assert "parity beam_search_score_gap" in result.stdout
     assert "parity litert_vs_onnx" in result.stdout and "model.tflite" in result.stdout
     assert "model.int8.onnx: mean KL" in result.stdout and "model.int8.tflite: mean KL" in result.stdout
     bad = run_script("export.py", tmp_path / "models", "--out", tmp_path / "models")

@@ -1,15 +1,22 @@
 """The checks before publishing: the served step against Keras and ONNX, model.tflite against
-model.onnx, and `generate` against the Keras step. Anything over PARITY_TOLERANCE stops the export."""
+model.onnx, and `generate` and `beam_search` against the Keras step. Anything over PARITY_TOLERANCE
+stops the export."""
 
 import os
 
 import numpy as np
 
-from keraslm import artifacts
+from keraslm import artifacts, beam
 from keraslm.errors import UsageError
 from keraslm.export.litert import run_litert
 from keraslm.model import keras_step
-from keraslm.serving import GENERATE_SIGNATURE, STEP_SIGNATURE, generate_inputs
+from keraslm.serving import (
+    BEAM_SEARCH_SIGNATURE,
+    GENERATE_SIGNATURE,
+    STEP_SIGNATURE,
+    beam_search_inputs,
+    generate_inputs,
+)
 from keraslm.states import input_name, state_names
 
 PARITY_TOLERANCE = 1e-4
@@ -108,10 +115,7 @@ def check_generate(model, twin, model_config, vocab, num_tokens=8):
 
     Returns the largest logit gap between a chosen token and the step's best. Raises UsageError.
     """
-    specials = set(vocab.to_dict()["special_tokens"].values())
-    plain = [t for t in vocab.tokens if t not in specials and t.strip() == t and t]
-    separator = "" if vocab.level == "char" else " "
-    prompts = [separator.join(plain[:3]), plain[3 % len(plain)]]
+    prompts = _check_prompts(vocab)
     out = model.run(GENERATE_SIGNATURE, generate_inputs(prompts, num_tokens, temperature=0.0))
     step, zero = keras_step(twin, model_config, batch_size=1)
     worst = 0.0
@@ -126,3 +130,47 @@ def check_generate(model, twin, model_config, vocab, num_tokens=8):
     if worst > PARITY_TOLERANCE:
         raise UsageError(f"generate check failed: a greedy token is {worst:.2e} below the step's best logit")
     return worst
+
+
+def check_beam_search(model, twin, model_config, vocab, num_tokens=4, beam_width=3):
+    """Run the session-loaded `beam_search` on check_generate's prompts and keraslm.beam's search
+    over the Keras step on each: the scores must agree rank by rank, and each continuation the
+    signature returns, scored token by token with the Keras step, must have the score it reports
+    (both to PARITY_TOLERANCE; comparing scores, not tokens, lets equal-scored ties go either way).
+
+    Returns the largest score difference. Raises UsageError.
+    """
+    prompts = _check_prompts(vocab)
+    out = model.run(BEAM_SEARCH_SIGNATURE, beam_search_inputs(prompts, num_tokens, beam_width, beam_width))
+    step, zero = keras_step(twin, model_config, batch_size=1)
+    worst = 0.0
+    for row, prompt in enumerate(prompts):
+        ids = vocab.encode(prompt)
+        expected = [h.score for h in beam.beam_search(step, ids, zero, num_tokens, beam_width, beam_width)]
+        # A vocabulary too small for beam_width distinct continuations leaves the signature's last
+        # ranks at -inf, where keraslm.beam returns fewer: only the ranks both have are compared.
+        ranks = len(expected)
+        rescored = [_sequence_score(step, ids, zero, tokens) for tokens in out["tokens"][row][:ranks]]
+        reported = out["scores"][row][:ranks].astype(np.float64)
+        worst = max(worst, float(np.max(np.abs(reported - expected))), float(np.max(np.abs(reported - rescored))))
+    if worst > PARITY_TOLERANCE:
+        raise UsageError(f"beam_search check failed: its scores are {worst:.2e} from the Keras step's")
+    return worst
+
+
+def _check_prompts(vocab):
+    """Two prompts of different lengths made of the vocabulary's plain tokens."""
+    specials = set(vocab.to_dict()["special_tokens"].values())
+    plain = [t for t in vocab.tokens if t not in specials and t.strip() == t and t]
+    separator = "" if vocab.level == "char" else " "
+    return [separator.join(plain[:3]), plain[3 % len(plain)]]
+
+
+def _sequence_score(step, prompt_ids, state, tokens):
+    """The sum of `tokens`' log-probabilities after the prompt, by keraslm.beam's log-softmax."""
+    logits, state = step(np.asarray(prompt_ids, np.int32)[None, :], state)
+    score = 0.0
+    for token in tokens:
+        score += float(beam.log_softmax(logits[:, -1])[0, token])
+        logits, state = step(np.array([[token]], np.int32), state)
+    return score
