@@ -31,6 +31,7 @@ TOLERANCE = 1e-4
 DTYPE_WORDS = {np.dtype(np.int32): "int32", np.dtype(np.int64): "int64", np.dtype(np.float32): "float"}
 NUMPY_DTYPES = {"int32": np.int32, "int64": np.int64, "float": np.float32, "string": object}
 MODELS = {"lstm-2-char": ("lstm", 2, "char"), "gru-2-word": ("gru", 2, "word")}
+PROMPTS = {"char": ["ROMEO:\nWhat say", "to be, or"], "word": ["the city of", "in the"]}
 
 
 @pytest.fixture(scope="module")
@@ -158,8 +159,7 @@ def test_serving_default_through_the_c_api_equals_onnx_runtime(c_client, export)
 
 def test_greedy_generate_through_the_c_api_equals_the_python_session_loader(c_client, export):
     version_dir, description = export
-    level = description["config"]["data"]["level"]
-    prompts = ["ROMEO:\nWhat say", "to be, or"] if level == "char" else ["the city of", "in the"]
+    prompts = PROMPTS[description["config"]["data"]["level"]]
     feed = {
         "prompt": np.array([p.encode() for p in prompts], dtype=object),
         "max_new_tokens": np.int32(24),
@@ -181,8 +181,7 @@ def test_greedy_generate_through_the_c_api_equals_the_python_session_loader(c_cl
 
 def test_beam_search_through_the_c_api_equals_sample_pys_beam_search(c_client, export):
     version_dir, description = export
-    level = description["config"]["data"]["level"]
-    prompts = ["ROMEO:\nWhat say", "to be, or"] if level == "char" else ["the city of", "in the"]
+    prompts = PROMPTS[description["config"]["data"]["level"]]
     inputs, outputs = signature_tensors(version_dir, "beam_search")
     feed = beam_search_inputs([p.encode() for p in prompts], max_new_tokens=8, beam_width=5, num_return=3)
     got = run_c(c_client, version_dir, {inputs[k]: v for k, v in feed.items()}, list(outputs.values()))

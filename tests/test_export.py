@@ -181,6 +181,24 @@ def test_failure_midway_leaves_no_partial_version(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "models/lm") == []
 
 
+SMALL_LIMITS = {
+    "tiny": {"max_new_tokens": 1, "max_prompt_tokens": 1, "max_batch_tokens": 1, "max_beam_width": 1},
+    "keyboard": {"max_new_tokens": 3, "max_prompt_tokens": 2, "max_batch_tokens": 10, "max_beam_width": 2},
+}
+
+
+@pytest.mark.parametrize("level", ["char", "word"])
+@pytest.mark.parametrize("limits", SMALL_LIMITS, ids=str)
+def test_an_export_with_small_limits_is_checked_within_them(tmp_path, limits, level):
+    """The checks' requests fit the export's own limits: small limits are checked, not refused."""
+    run_dir = make_run(tmp_path, "lstm", 1, level)
+    version_dir, report = export_run(str(run_dir), out=str(tmp_path / "models"), name="lm", limits=SMALL_LIMITS[limits])
+    assert {"generate_greedy_gap", "beam_search_score_gap", "carried_vs_whole_sequence"} <= set(report["parity"])
+    assert max(report["parity"].values()) <= 1e-4
+    description = json.loads((tmp_path / "models/lm/1/assets.extra/keraslm.json").read_text())
+    assert SMALL_LIMITS[limits].items() <= description["limits"].items()
+
+
 @pytest.mark.parametrize("damage", ["scores", "ranks"])
 def test_a_beam_search_that_disagrees_with_the_step_is_not_published(tmp_path, monkeypatch, damage):
     run_dir = make_run(tmp_path)

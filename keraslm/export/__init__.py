@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from keraslm import artifacts
 from keraslm.errors import ArgumentError, UsageError, first_line
-from keraslm.export.checks import check_beam_search, check_generate, check_litert, check_parity
+from keraslm.export.checks import CheckSizes, check_beam_search, check_generate, check_litert, check_parity
 from keraslm.export.int8 import check_int8, check_litert_int8, write_onnx_int8
 from keraslm.export.litert import write_litert
 from keraslm.export.onnx import write_onnx
@@ -66,7 +66,7 @@ def export_run(run_dir, out="saved_models", name=None, version=None, overwrite=F
     with contextlib.ExitStack() as workspace:
         tmp = open_workspace(base_dir, workspace)
         onnx_proto = _write_artifacts(tmp, base_dir, config, vocab, twin, limits)
-        parity = _check_as_served(tmp, twin, config.model, vocab)
+        parity = _check_as_served(tmp, twin, config.model, vocab, CheckSizes.within(limits))
         int8 = check_int8(tmp, config.model)
         parity |= check_litert(tmp, config.model)
         litert_int8 = check_litert_int8(tmp, config.model)
@@ -93,14 +93,15 @@ def _write_artifacts(tmp, base_dir, config, vocab, twin, limits):
     return onnx_proto
 
 
-def _check_as_served(tmp, twin, model_config, vocab):
-    """Parity, generate and beam_search checks on the version loaded as TF Serving loads it: nothing
-    it cannot run is published. Returns the parity figures with the greedy and beam score gaps."""
+def _check_as_served(tmp, twin, model_config, vocab, sizes):
+    """Parity, generate and beam_search checks on the version loaded as TF Serving loads it, with
+    requests of `sizes` (within the export's limits): nothing it cannot run is published. Returns
+    the parity figures with the greedy and beam score gaps."""
     served = SessionModel(tmp)
     try:
-        parity = check_parity(served, twin, model_config)
-        parity["generate_greedy_gap"] = check_generate(served, twin, model_config, vocab)
-        parity["beam_search_score_gap"] = check_beam_search(served, twin, model_config, vocab)
+        parity = check_parity(served, twin, model_config, sizes.rows, sizes.step_length)
+        parity["generate_greedy_gap"] = check_generate(served, twin, model_config, vocab, sizes)
+        parity["beam_search_score_gap"] = check_beam_search(served, twin, model_config, vocab, sizes)
     except (RequestError, ServingError) as e:
         raise UsageError(f"export check failed: TF Serving's loader cannot run the new version ({e})") from None
     finally:

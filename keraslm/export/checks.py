@@ -2,6 +2,7 @@
 model.onnx, and `generate` and `beam_search` against the Keras step. Anything over PARITY_TOLERANCE
 stops the export."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from keraslm import artifacts, beam
 from keraslm.errors import UsageError
 from keraslm.export.litert import run_litert
+from keraslm.limits import BYTES_PER_TOKEN
 from keraslm.model import keras_step
 from keraslm.serving import (
     BEAM_SEARCH_SIGNATURE,
@@ -20,6 +22,40 @@ from keraslm.serving import (
 from keraslm.states import input_name, state_names
 
 PARITY_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSizes:
+    """The sizes of the checks' requests to the served version: as large as the checks want, within
+    the export's ServingLimits, so that an export with small limits is checked, not refused by them.
+
+    rows: prompts of generate and beam_search, rows of the step; step_length: tokens per step row;
+    prompt_tokens: the longer prompt's tokens; new_tokens: generate's; beam_width and beam_tokens:
+    beam_search's. Each request's rows × length stays within max_batch_tokens.
+    """
+
+    rows: int = 2
+    step_length: int = 7
+    prompt_tokens: int = 3
+    new_tokens: int = 8
+    beam_width: int = 3
+    beam_tokens: int = 4
+
+    @classmethod
+    def within(cls, limits):
+        """The wanted sizes, each cut to what `limits` allow."""
+        wanted = cls()
+        rows = min(wanted.rows, limits.max_batch_tokens)
+        per_row = limits.max_batch_tokens // rows
+        beam_width = min(wanted.beam_width, limits.max_beam_width, per_row)
+        return cls(
+            rows=rows,
+            step_length=min(wanted.step_length, per_row),
+            prompt_tokens=min(wanted.prompt_tokens, limits.max_prompt_tokens, per_row),
+            new_tokens=min(wanted.new_tokens, limits.max_new_tokens, per_row),
+            beam_width=beam_width,
+            beam_tokens=min(wanted.beam_tokens, limits.max_new_tokens, per_row // beam_width),
+        )
 
 
 def check_parity(model, twin, model_config, batch_size=2, length=7, seed=0):
@@ -108,15 +144,15 @@ def _carried_logits(twin, model_config, feed):
     return np.concatenate(carried, 1)
 
 
-def check_generate(model, twin, model_config, vocab, num_tokens=8):
-    """Run the session-loaded `generate` greedily on two prompts of different lengths and follow
+def check_generate(model, twin, model_config, vocab, sizes):
+    """Run the session-loaded `generate` greedily on `sizes.rows` prompts of different lengths and follow
     its tokens with the Keras step in a NumPy loop: each must be the step's most likely token
     (to PARITY_TOLERANCE in logits, so a near-tie may go either way) and the text their decoding.
 
     Returns the largest logit gap between a chosen token and the step's best. Raises UsageError.
     """
-    prompts = _check_prompts(vocab)
-    out = model.run(GENERATE_SIGNATURE, generate_inputs(prompts, num_tokens, temperature=0.0))
+    prompts = _check_prompts(vocab, sizes)
+    out = model.run(GENERATE_SIGNATURE, generate_inputs(prompts, sizes.new_tokens, temperature=0.0))
     step, zero = keras_step(twin, model_config, batch_size=1)
     worst = 0.0
     for row, prompt in enumerate(prompts):
@@ -132,7 +168,7 @@ def check_generate(model, twin, model_config, vocab, num_tokens=8):
     return worst
 
 
-def check_beam_search(model, twin, model_config, vocab, num_tokens=4, beam_width=3):
+def check_beam_search(model, twin, model_config, vocab, sizes):
     """Run the session-loaded `beam_search` on check_generate's prompts and keraslm.beam's search
     over the Keras step on each: the scores must agree rank by rank, and each continuation the
     signature returns, scored token by token with the Keras step, must have the score it reports
@@ -140,14 +176,14 @@ def check_beam_search(model, twin, model_config, vocab, num_tokens=4, beam_width
 
     Returns the largest score difference. Raises UsageError.
     """
-    prompts = _check_prompts(vocab)
-    out = model.run(BEAM_SEARCH_SIGNATURE, beam_search_inputs(prompts, num_tokens, beam_width, beam_width))
+    prompts, width, num_tokens = _check_prompts(vocab, sizes), sizes.beam_width, sizes.beam_tokens
+    out = model.run(BEAM_SEARCH_SIGNATURE, beam_search_inputs(prompts, num_tokens, width, width))
     step, zero = keras_step(twin, model_config, batch_size=1)
     worst = 0.0
     for row, prompt in enumerate(prompts):
         ids = vocab.encode(prompt)
-        expected = [h.score for h in beam.beam_search(step, ids, zero, num_tokens, beam_width, beam_width)]
-        # A vocabulary too small for beam_width distinct continuations leaves the signature's last
+        expected = [h.score for h in beam.beam_search(step, ids, zero, num_tokens, width, width)]
+        # A vocabulary too small for `width` distinct continuations leaves the signature's last
         # ranks at -inf, where keraslm.beam returns fewer: only the ranks both have are compared.
         ranks = len(expected)
         rescored = [_sequence_score(step, ids, zero, tokens) for tokens in out["tokens"][row][:ranks]]
@@ -158,12 +194,18 @@ def check_beam_search(model, twin, model_config, vocab, num_tokens=4, beam_width
     return worst
 
 
-def _check_prompts(vocab):
-    """Two prompts of different lengths made of the vocabulary's plain tokens."""
+def _check_prompts(vocab, sizes):
+    """`sizes.rows` prompts of the vocabulary's plain tokens: `sizes.prompt_tokens` tokens, then one.
+
+    Only tokens short enough for the signatures' byte bound (BYTES_PER_TOKEN per token, separator
+    included) are used, so the prompts' bytes stay within the export's limits too.
+    """
     specials = set(vocab.to_dict()["special_tokens"].values())
     plain = [t for t in vocab.tokens if t not in specials and t.strip() == t and t]
+    short = [t for t in plain if len(t.encode("utf-8")) < BYTES_PER_TOKEN] or plain
     separator = "" if vocab.level == "char" else " "
-    return [separator.join(plain[:3]), plain[3 % len(plain)]]
+    prompts = [separator.join(short[: sizes.prompt_tokens]), short[sizes.prompt_tokens % len(short)]]
+    return prompts[: sizes.rows]
 
 
 def _sequence_score(step, prompt_ids, state, tokens):
